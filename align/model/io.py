@@ -1,0 +1,148 @@
+"""Hugging Face checkpoint directories: config.json plus safetensors, single file or sharded with an index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from align.model.config import DTYPES, Qwen2Config
+from align.model.qwen2 import Qwen2ForCausalLM
+from align.model.rope import rope_inverse_frequencies
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+) -> Qwen2ForCausalLM:
+    """Load a Qwen2/Qwen2.5 checkpoint directory (ours, transformers' or an official release).
+
+    Args:
+        path: directory with config.json and model.safetensors or a sharded model.safetensors.index.json.
+        dtype: weights dtype; None keeps the checkpoint's `torch_dtype`.
+        device: where the weights go.
+    Raises:
+        FileNotFoundError / ValueError naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (a model directory needs config.json)")
+    config = Qwen2Config.from_file(config_file)
+    if dtype is not None:
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        config = config.replace(torch_dtype=next(k for k, v in DTYPES.items() if v == dtype))
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    state = _read_safetensors(path, device)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some writers store the tied copy; the embedding is the one kept
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match config.json: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    state = {name: tensor.to(config.dtype) for name, tensor in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # The RoPE frequencies are a non-persistent buffer, not in checkpoints: rebuild it off the meta device.
+    model.model.inv_freq = rope_inverse_frequencies(config)[0].to(device)
+    return model
+
+
+def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        try:
+            shard_names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index_file}: not a safetensors index ({err})") from err
+        files = [path / name for name in shard_names]
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
+    state = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as reader:
+                for name in reader.keys():
+                    state[name] = reader.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
+    return state
+
+
+def save_pretrained(model: Qwen2ForCausalLM, output_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+    """Write config.json and the weights, sharded above `max_shard_size` bytes.
+
+    Files are written into a temporary directory beside `output_dir` and moved in only when complete, so a
+    crash never leaves a half-written checkpoint; other files in `output_dir` (a tokenizer, say) are kept.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # safetensors refuses shared storage; loaders re-tie from config.json
+    dtype_name = next(k for k, v in DTYPES.items() if v == next(iter(state.values())).dtype)
+    config = model.config.replace(torch_dtype=dtype_name)
+
+    shards = _split_into_shards(state, max_shard_size)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        metadata = {"format": "pt"}  # transformers expects it
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, name))
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        # A previous save with the other layout (single vs sharded) would confuse loaders: remove it.
+        for stale in [output_dir / SINGLE_FILE, output_dir / INDEX_FILE, *output_dir.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)
+        for file in sorted(tmp.iterdir()):
+            os.replace(file, output_dir / file.name)
+
+
+def _split_into_shards(state: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def copy_tokenizer_files(source_dir: str | Path, output_dir: str | Path) -> None:
+    """Copy the tokenizer files of a model directory next to a saved checkpoint."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "generation_config.json", "chat_template.jinja"):
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, Path(output_dir) / name)
