@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 # config.json keys that transformers or vLLM write and that carry no architecture; read and dropped.
 _IGNORED_KEYS = {
@@ -134,6 +135,9 @@ class Qwen2Config:
                 continue
             out[f.name] = getattr(self, f.name)
         out["use_cache"] = True
+        # transformers reads this to tell its own files from others (without it, it warns that a local tokenizer
+        # may carry Mistral's broken regex); the format is the one that version reads.
+        out["transformers_version"] = transformers.__version__
         out.update(self.extra)
         return out
 
