@@ -91,18 +91,25 @@ def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch
 
 
 def save_pretrained(model: Qwen2ForCausalLM, output_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:
-    """Write config.json and the weights, sharded above `max_shard_size` bytes.
+    """Write the model's config.json and weights to `output_dir` (see `save_state_dict`)."""
+    save_state_dict(model.config, model.state_dict(), output_dir, max_shard_size)
+
+
+def save_state_dict(
+    config: Qwen2Config, state: dict[str, torch.Tensor], output_dir: str | Path, max_shard_size: int = 5 * 2**30
+) -> None:
+    """Write config.json and the weights of a full (gathered) state dict, sharded above `max_shard_size` bytes.
 
     Files are written into a temporary directory beside `output_dir` and moved in only when complete, so a
     crash never leaves a half-written checkpoint; other files in `output_dir` (a tokenizer, say) are kept.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # safetensors refuses shared storage; loaders re-tie from config.json
+    state = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; loaders re-tie from config.json
     dtype_name = next(k for k, v in DTYPES.items() if v == next(iter(state.values())).dtype)
-    config = model.config.replace(torch_dtype=dtype_name)
+    config = config.replace(torch_dtype=dtype_name)
 
     shards = _split_into_shards(state, max_shard_size)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-") as tmp:
