@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 def _chunk_stats(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden @ weight.T).float() / temperature  # [C, V]
+    logits = (hidden @ weight.t()).float() / temperature  # [C, V]
     log_z = torch.logsumexp(logits, dim=-1)  # [C]
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # [C]
     if not with_entropy:

@@ -127,10 +127,12 @@ class Qwen2Model(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """The output projection. Returns logits, or, given target ids, their chunked log-probs (see logprobs.py).
+    """The output projection. Returns logits, or, given target ids, their chunked (log-probs, entropy).
 
     Scoring lives in this module's forward so that DeepSpeed ZeRO-3, which gathers a module's parameters around
-    its forward call, gathers the head's weight for it.
+    its forward call, gathers the head's weight for it; the result is a plain tuple because ZeRO-3 re-gathers the
+    weight for the backward pass (where the chunks are recomputed) through hooks on the output's tensors, and
+    it finds tensors only inside tuples, lists and dicts.
     """
 
     def forward(
@@ -140,11 +142,10 @@ class LMHead(nn.Linear):
         temperature: float = 1.0,
         with_entropy: bool = False,
         chunk_size: int = 1024,
-    ) -> torch.Tensor | TokenLogProbs:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if target_ids is None:
             return super().forward(hidden)
-        logprobs, entropy = token_logprobs(hidden, self.weight, target_ids, temperature, chunk_size, with_entropy)
-        return TokenLogProbs(logprobs, entropy)
+        return token_logprobs(hidden, self.weight, target_ids, temperature, chunk_size, with_entropy)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -207,7 +208,9 @@ class Qwen2ForCausalLM(nn.Module):
             if len(layout.buckets) == 1 and layout.buckets[0].num_seqs == batch:
                 layout = None  # one sequence per row: the plain batch path, no regrouping
         hidden = self.model(input_ids, position_ids, layout)
-        return self.lm_head(hidden, target_ids, temperature, with_entropy)
+        if target_ids is None:
+            return self.lm_head(hidden)
+        return TokenLogProbs(*self.lm_head(hidden, target_ids, temperature, with_entropy))
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in the backward pass instead of storing them."""

@@ -1,0 +1,278 @@
+"""Supervised fine-tuning, stage 1 of Qwen2.5 post-training.
+
+    accelerate launch recipes/sft.py                                   # embedded default, one process
+    accelerate launch --config_file recipes/configs/accelerate/zero3.yaml recipes/sft.py      # ZeRO-3, 2 ranks
+    accelerate launch ... recipes/sft.py --config recipes/configs/sft/qwen2.5-7b.yaml --model-path M --data-path D
+
+With no arguments it builds the embedded tiny Qwen2.5-architecture model and its synthetic tasks, measures
+held-out accuracy per task family and difficulty (greedy decoding with vLLM), fine-tunes on the synthetic chats,
+measures again and prints both. Data: chat rows (`messages`) in JSONL, Parquet or a saved dataset directory;
+the loss covers assistant tokens only, normalised over the global token count of each optimizer step. Sequences
+are packed (padding-free) into micro-batches of at most `data.micro_batch_tokens` tokens.
+
+Output directory: `checkpoint-*/` (resumable with --resume), `final/` (a Hugging Face model directory that
+transformers and vLLM load), `metrics.jsonl`, `tensorboard/`, `loss.png`, `config.yaml`, `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
+from align.config import config_to_dict, parse_config, save_config
+from align.data import DataError, collate, load_rows, plan_micro_batches, plan_steps, tokenize_dataset
+from align.engine import TrainEngine
+from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
+from align.losses import sft_loss
+from align.metrics import MetricsLogger, plot_curves
+from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
+from align.tiny import build_tiny
+from align.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    path: str = ""
+    """Model directory (HF format). Empty: the embedded tiny default, built into OUTPUT_DIR/base-model."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training weights dtype (bfloat16 on GPUs; CPUs without native bf16 are far slower in it)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass to save memory."""
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    path: str = ""
+    """Chat data (JSONL, Parquet or saved dataset dir). Empty: the embedded default's data/sft.jsonl."""
+    eval_path: str = ""
+    """Held-out task rows for accuracy (align.tasks format). Empty: the embedded default's data/eval.jsonl."""
+    max_length: int = 1024
+    """Longest training sequence in tokens."""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """What to do with longer sequences."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (at least max_length)."""
+
+    def __post_init__(self):
+        if self.micro_batch_tokens < self.max_length:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} < max_length={self.max_length}")
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    lr: float = 2e-3
+    """Peak learning rate (after warm-up)."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed)."""
+    grad_accum: int = 1
+    """Micro-batches per rank per optimizer step."""
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    enabled: bool = True
+    """Measure held-out accuracy before and after training."""
+    per_level: int = 25
+    """Eval problems per task family and difficulty."""
+    max_new_tokens: int = 160
+    """Longest generated answer."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning of a Qwen2.5 model."""
+
+    output_dir: str = "outputs/sft"
+    """Run directory: checkpoints, final model, metrics, plots."""
+    resume: bool = False
+    """Continue the run in OUTPUT_DIR from its latest checkpoint."""
+    seed: int = 0
+    """Seed of the data order and of the embedded default."""
+    save_every: int = 50
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    log_every: int = 5
+    """Optimizer steps between metric records."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no limit); for smoke runs and tests."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+
+def main(cfg: SFTConfig) -> None:
+    out = Path(cfg.output_dir)
+    engine = TrainEngine(max_grad_norm=cfg.optim.max_grad_norm)
+    resume_from = check_output_dir(out, cfg) if engine.is_main else None
+    engine.barrier()
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+
+    # --- model and data -----------------------------------------------------------------------------------
+    model_dir = Path(cfg.model.path) if cfg.model.path else out / "base-model"
+    if not cfg.model.path and engine.is_main and not (model_dir / "config.json").is_file():
+        build_tiny(model_dir, seed=cfg.seed)
+    engine.barrier()
+    data_path = Path(cfg.data.path) if cfg.data.path else model_dir / "data" / "sft.jsonl"
+    eval_path = Path(cfg.data.eval_path) if cfg.data.eval_path else model_dir / "data" / "eval.jsonl"
+    tokenizer = load_tokenizer(model_dir)
+    examples, stats = tokenize_dataset(load_rows(data_path), tokenizer, cfg.data.max_length, cfg.data.overflow,
+                                       source=str(data_path))
+    if engine.is_main:
+        print(f"data: {stats.rows} rows from {data_path}: {stats.kept} kept, {stats.truncated} truncated, "
+              f"{stats.dropped_too_long} dropped as too long, {stats.dropped_no_target} with no assistant tokens; "
+              f"{stats.tokens} tokens, {stats.target_tokens} trained")
+    steps = plan_all_steps(examples, cfg, engine.world_size)
+    model = load_pretrained(model_dir, dtype=cfg.model.dtype)
+    model.gradient_checkpointing_enable(cfg.model.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, len(steps),
+                                                            min_lr=cfg.optim.min_lr)
+    engine.prepare(model, optimizer, scheduler)
+
+    eval_rows = read_eval_rows(eval_path, cfg.eval.per_level) if cfg.eval.enabled else []
+    before = evaluate_checkpoint(model_dir, eval_rows, cfg.eval.max_new_tokens) if eval_rows and engine.is_main \
+        and resume_from is None else None
+
+    # --- resume -------------------------------------------------------------------------------------------
+    start_step = 0
+    if resume_from is not None:
+        engine.load(resume_from)
+        start_step = read_state(resume_from)["step"]
+        if engine.is_main:
+            print(f"resumed from {resume_from} at step {start_step}/{len(steps)}")
+    logger = MetricsLogger(out, resume_step=start_step) if engine.is_main else None
+
+    # --- train --------------------------------------------------------------------------------------------
+    engine.model.train()
+    window = {"nll_sum": 0.0, "target_tokens": 0.0, "tokens": 0, "seconds": 0.0, "grad_norm": 0.0, "steps": 0}
+    progress = tqdm(total=len(steps), initial=start_step, desc="sft", unit="step", disable=not engine.is_main)
+    for step_index in range(start_step, len(steps)):
+        plan = steps[step_index]
+        tic = time.perf_counter()
+        slots = plan.for_rank(engine.rank)
+        for slot_index, example_ids in enumerate(slots):
+            # An empty slot (only in the last step) still runs forward/backward: ZeRO-3 gathers collectively.
+            batch = collate([examples[i] for i in (example_ids or (0,))]).to(engine.device)
+            with engine.forward_context():
+                scored = engine.model(batch.input_ids, layout=batch.layout(), target_ids=batch.target_ids)
+            loss, parts = sft_loss(scored.logprobs, batch.loss_mask, plan.global_target_tokens)
+            if not example_ids:
+                loss = loss * 0.0
+            engine.backward(loss, last_in_step=slot_index == len(slots) - 1)
+            if example_ids:
+                window["nll_sum"] += float(parts["nll_sum"])
+                window["target_tokens"] += float(parts["target_tokens"])
+                window["tokens"] += batch.input_ids.numel()
+        window["grad_norm"] += engine.optimizer_step()
+        window["seconds"] += time.perf_counter() - tic
+        window["steps"] += 1
+        step = step_index + 1
+        progress.update(1)
+
+        if step % cfg.log_every == 0 or step == len(steps):
+            nll_sum, target_tokens, tokens = engine.sum_across_ranks(
+                [window["nll_sum"], window["target_tokens"], window["tokens"]])
+            record = {
+                "loss": nll_sum / max(target_tokens, 1.0),  # mean over every trained token of the window's steps
+                "lr": engine.learning_rate,
+                "grad_norm": window["grad_norm"] / window["steps"],
+                "tokens_per_s": tokens / window["seconds"],
+            }
+            if logger:
+                logger.log(step, record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+            window = dict.fromkeys(window, 0.0)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == len(steps):
+            save_checkpoint(engine, out, step, cfg)
+    progress.close()
+
+    # --- export and evaluate -------------------------------------------------------------------------------
+    final_dir = out / "final"
+    state = engine.gather_state_dict()
+    if engine.is_main:
+        save_state_dict(engine.unwrapped.config, state, final_dir)
+        copy_tokenizer_files(model_dir, final_dir)
+        logger.close()
+        plot_curves(out / "metrics.jsonl", out / "loss.png", ("loss", "lr", "grad_norm", "tokens_per_s"),
+                    title=f"SFT: {cfg.output_dir}")
+        print(f"exported {final_dir}")
+        if eval_rows:
+            after = evaluate_checkpoint(final_dir, eval_rows, cfg.eval.max_new_tokens)
+            reports = {"before": before, "after SFT": after} if before else {"after SFT": after}
+            print("\nheld-out accuracy (greedy):\n" + format_accuracy_table(reports))
+            (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
+    engine.barrier()
+    engine.end()
+
+
+def check_output_dir(out: Path, cfg: SFTConfig) -> Path | None:
+    """Refuse to overwrite another run; with --resume, find where to continue."""
+    holds_run = (out / "config.yaml").is_file() or latest_checkpoint(out) is not None
+    if holds_run and not cfg.resume:
+        sys.exit(f"error: {out} holds another run; pass --resume to continue it, or choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    save_config(cfg, out / "config.yaml")
+    return latest_checkpoint(out)
+
+
+def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
+    """Optimizer steps for the whole run: each epoch packed with its own seed, a fractional last epoch cut."""
+    lengths = [len(e) for e in examples]
+    targets = [e.num_targets for e in examples]
+    steps = []
+    for epoch in range(math.ceil(cfg.optim.epochs)):
+        micro = plan_micro_batches(lengths, cfg.data.micro_batch_tokens, seed=cfg.seed * 1000 + epoch)
+        epoch_steps = plan_steps(micro, world_size, cfg.optim.grad_accum, targets)
+        fraction = min(cfg.optim.epochs - epoch, 1.0)
+        steps += epoch_steps[: max(1, round(len(epoch_steps) * fraction))]
+    return steps[: cfg.max_steps] if cfg.max_steps else steps
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm gains are not decayed (as in the Qwen2.5 recipe's AdamW)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(engine: TrainEngine, out: Path, step: int, cfg: SFTConfig) -> None:
+    staging = staging_dir(out, step)
+    engine.save(staging)
+    engine.barrier()
+    if engine.is_main:
+        save_config(cfg, staging / "config.yaml")
+        publish_checkpoint(out, step, {"step": step, "config": config_to_dict(cfg)}, cfg.keep_last)
+    engine.barrier()
+
+
+if __name__ == "__main__":
+    config = parse_config(SFTConfig, description=__doc__)
+    try:
+        main(config)
+    except (DataError, FileNotFoundError, FileExistsError) as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,1 @@
+"""Rollouts: vLLM generation (offline batches now; Ray rollout workers, weight sync and query scheduling later)."""

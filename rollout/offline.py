@@ -1,0 +1,80 @@
+"""Batch generation with vLLM from a model directory, in a child process.
+
+    completions = generate(model_dir, prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=128))
+
+vLLM starts engine processes and holds global state (and all the memory it reserves for its KV cache) until its
+process exits, so a trainer that evaluates between stages runs it in a child: `python -m rollout.offline IN OUT`
+with JSON files in between. The engine uses float32 on the CPU; on GPUs pass dtype="bfloat16".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: vLLM's SamplingParams fields this project uses."""
+
+    n: int = 1
+    """Completions per prompt."""
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_tokens: int = 256
+    """Longest completion, in tokens."""
+    seed: int = 0
+    """Sampling seed (with n > 1 and temperature > 0 the samples still differ from each other)."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token at the sampling temperature
+    finish_reason: str  # "stop" (end of turn) or "length"
+
+
+def generate(model_dir: str | Path, prompts: list[str], spec: SamplingSpec, dtype: str = "float32",
+             max_model_len: int = 2048, gpu_memory_utilization: float = 0.15) -> list[list[Completion]]:
+    """Completions for each prompt (already chat-formatted text), `spec.n` per prompt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        request = {"model_dir": str(model_dir), "prompts": prompts, "spec": dataclasses.asdict(spec),
+                   "dtype": dtype, "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization}
+        in_path, out_path = Path(tmp) / "request.json", Path(tmp) / "completions.json"
+        in_path.write_text(json.dumps(request))
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        subprocess.run([sys.executable, "-m", "rollout.offline", str(in_path), str(out_path)], check=True, env=env)
+        raw = json.loads(out_path.read_text())
+    return [[Completion(**c) for c in per_prompt] for per_prompt in raw]
+
+
+def _serve(in_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    request = json.loads(Path(in_path).read_text())
+    spec = SamplingSpec(**request["spec"])
+    llm = LLM(model=request["model_dir"], dtype=request["dtype"], max_model_len=request["max_model_len"],
+              enforce_eager=True, gpu_memory_utilization=request["gpu_memory_utilization"], seed=spec.seed)
+    params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
+                            seed=spec.seed, logprobs=0)
+    outputs = llm.generate(request["prompts"], params, use_tqdm=True)
+    result = [
+        [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": str(c.finish_reason),
+          "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]}
+         for c in output.outputs]
+        for output in outputs
+    ]
+    Path(out_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2])
