@@ -125,17 +125,16 @@ class SFTConfig:
 def main(cfg: SFTConfig) -> None:
     out = Path(cfg.output_dir)
     engine = TrainEngine(max_grad_norm=cfg.optim.max_grad_norm)
-    resume_from = check_output_dir(out, cfg) if engine.is_main else None
-    engine.barrier()
-    resume_from = latest_checkpoint(out) if cfg.resume else None
+    refuse_other_runs(out, cfg)
 
-    # --- model and data -----------------------------------------------------------------------------------
+    # --- model and data (checked before the output directory is claimed) ----------------------------------
     model_dir = Path(cfg.model.path) if cfg.model.path else out / "base-model"
     if not cfg.model.path and engine.is_main and not (model_dir / "config.json").is_file():
         build_tiny(model_dir, seed=cfg.seed)
     engine.barrier()
     data_path = Path(cfg.data.path) if cfg.data.path else model_dir / "data" / "sft.jsonl"
     eval_path = Path(cfg.data.eval_path) if cfg.data.eval_path else model_dir / "data" / "eval.jsonl"
+    model = load_pretrained(model_dir, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_dir)
     examples, stats = tokenize_dataset(load_rows(data_path), tokenizer, cfg.data.max_length, cfg.data.overflow,
                                        source=str(data_path))
@@ -143,8 +142,10 @@ def main(cfg: SFTConfig) -> None:
         print(f"data: {stats.rows} rows from {data_path}: {stats.kept} kept, {stats.truncated} truncated, "
               f"{stats.dropped_too_long} dropped as too long, {stats.dropped_no_target} with no assistant tokens; "
               f"{stats.tokens} tokens, {stats.target_tokens} trained")
+        claim_output_dir(out, cfg)
+    engine.barrier()
+    resume_from = latest_checkpoint(out) if cfg.resume else None
     steps = plan_all_steps(examples, cfg, engine.world_size)
-    model = load_pretrained(model_dir, dtype=cfg.model.dtype)
     model.gradient_checkpointing_enable(cfg.model.gradient_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas)
@@ -229,15 +230,17 @@ def main(cfg: SFTConfig) -> None:
     engine.end()
 
 
-def check_output_dir(out: Path, cfg: SFTConfig) -> Path | None:
-    """Refuse to overwrite another run; with --resume, find where to continue."""
+def refuse_other_runs(out: Path, cfg: SFTConfig) -> None:
+    """Never write over another run: continue it with --resume or pick another directory."""
     holds_run = (out / "config.yaml").is_file() or latest_checkpoint(out) is not None
     if holds_run and not cfg.resume:
-        sys.exit(f"error: {out} holds another run; pass --resume to continue it, or choose another --output-dir")
+        raise FileExistsError(f"{out} holds another run; pass --resume to continue it, or choose another --output-dir")
+
+
+def claim_output_dir(out: Path, cfg: SFTConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     save_config(cfg, out / "config.yaml")
-    return latest_checkpoint(out)
 
 
 def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
@@ -274,5 +277,6 @@ if __name__ == "__main__":
     config = parse_config(SFTConfig, description=__doc__)
     try:
         main(config)
-    except (DataError, FileNotFoundError, FileExistsError) as error:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        # Bad input (data rows, model directory, output directory): one line naming the file, no traceback.
         sys.exit(f"error: {error}")
