@@ -131,9 +131,7 @@ class TrainEngine:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.is_main:
                     state[name] = param.detach().cpu().clone()
-        if self.is_main and getattr(self.unwrapped.config, "tie_word_embeddings", False):
-            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        return state if self.is_main else None
+        return state if self.is_main else None  # a tied lm_head.weight is not a separate parameter: not listed
 
     def end(self) -> None:
         self.accelerator.end_training()

@@ -33,6 +33,7 @@ from align.config import config_to_dict, parse_config, save_config
 from align.data import DataError, collate, load_rows, plan_micro_batches, plan_steps, tokenize_dataset
 from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
+from align.lora import LoraArgs, apply_lora, merged_state_dict
 from align.losses import sft_loss
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
@@ -120,6 +121,7 @@ class SFTConfig:
     data: DataArgs = field(default_factory=DataArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
 
 
 def main(cfg: SFTConfig) -> None:
@@ -147,6 +149,9 @@ def main(cfg: SFTConfig) -> None:
     resume_from = latest_checkpoint(out) if cfg.resume else None
     steps = plan_all_steps(examples, cfg, engine.world_size)
     model.gradient_checkpointing_enable(cfg.model.gradient_checkpointing)
+    model_config = model.config
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, len(steps),
@@ -215,7 +220,9 @@ def main(cfg: SFTConfig) -> None:
     final_dir = out / "final"
     state = engine.gather_state_dict()
     if engine.is_main:
-        save_state_dict(engine.unwrapped.config, state, final_dir)
+        if cfg.lora.enabled:  # merge the adapters: the export is a plain checkpoint, no peft needed to load it
+            state = merged_state_dict(model_dir, cfg.lora, state, cfg.model.dtype)
+        save_state_dict(model_config, state, final_dir)
         copy_tokenizer_files(model_dir, final_dir)
         logger.close()
         plot_curves(out / "metrics.jsonl", out / "loss.png", ("loss", "lr", "grad_norm", "tokens_per_s"),
@@ -258,8 +265,9 @@ def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and norm gains are not decayed (as in the Qwen2.5 recipe's AdamW)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
