@@ -17,10 +17,11 @@ transformers and vLLM load), `metrics.jsonl`, `tensorboard/`, `loss.png`, `confi
 from __future__ import annotations
 
 import json
-import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +31,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
 from align.config import config_to_dict, parse_config, save_config
-from align.data import DataError, collate, load_rows, plan_micro_batches, plan_steps, tokenize_dataset
+from align.data import DataError, collate, load_rows, plan_epochs, tokenize_dataset
 from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
 from align.lora import LoraArgs, apply_lora, merged_state_dict
@@ -58,15 +59,34 @@ class DataArgs:
     eval_path: str = ""
     """Held-out task rows for accuracy (align.tasks format). Empty: the embedded default's data/eval.jsonl."""
     max_length: int = 1024
-    """Longest training sequence in tokens."""
+    """Longest training sequence in tokens (with two-stage SFT: the stage-one limit)."""
     overflow: Literal["truncate", "drop"] = "truncate"
-    """What to do with longer sequences."""
+    """What to do with sequences over the (longest) limit."""
     micro_batch_tokens: int = 4096
-    """Token budget of one packed micro-batch (at least max_length)."""
+    """Token budget of one packed micro-batch (at least the longest limit)."""
+    long_max_length: int = 0
+    """Two-stage SFT (the report's long-context recipe) when > max_length: stage one trains on sequences up to
+    max_length, stage two mixes those with longer ones up to this limit. 0: one stage."""
+    long_fraction: float = 0.5
+    """Share of long sequences among stage two's examples (short ones are sampled to make up the rest)."""
+    stage_two_epochs: float = 1.0
+    """Passes over the long sequences in stage two."""
+
+    @property
+    def two_stage(self) -> bool:
+        return self.long_max_length > 0
+
+    @property
+    def longest(self) -> int:
+        return max(self.max_length, self.long_max_length)
 
     def __post_init__(self):
-        if self.micro_batch_tokens < self.max_length:
-            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} < max_length={self.max_length}")
+        if self.micro_batch_tokens < self.longest:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} < the longest limit {self.longest}")
+        if self.two_stage and self.long_max_length <= self.max_length:
+            raise ValueError(f"long_max_length={self.long_max_length} must exceed max_length={self.max_length}")
+        if not 0 < self.long_fraction <= 1:
+            raise ValueError(f"long_fraction={self.long_fraction} must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -138,7 +158,7 @@ def main(cfg: SFTConfig) -> None:
     eval_path = Path(cfg.data.eval_path) if cfg.data.eval_path else model_dir / "data" / "eval.jsonl"
     model = load_pretrained(model_dir, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(model_dir)
-    examples, stats = tokenize_dataset(load_rows(data_path), tokenizer, cfg.data.max_length, cfg.data.overflow,
+    examples, stats = tokenize_dataset(load_rows(data_path), tokenizer, cfg.data.longest, cfg.data.overflow,
                                        source=str(data_path))
     if engine.is_main:
         print(f"data: {stats.rows} rows from {data_path}: {stats.kept} kept, {stats.truncated} truncated, "
@@ -251,15 +271,20 @@ def claim_output_dir(out: Path, cfg: SFTConfig) -> None:
 
 
 def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
-    """Optimizer steps for the whole run: each epoch packed with its own seed, a fractional last epoch cut."""
+    """Optimizer steps for the whole run. Two-stage SFT: stage one on the short examples, then stage two on the
+    long ones mixed with a sample of short ones (`data.long_fraction` of stage two being long)."""
     lengths = [len(e) for e in examples]
     targets = [e.num_targets for e in examples]
-    steps = []
-    for epoch in range(math.ceil(cfg.optim.epochs)):
-        micro = plan_micro_batches(lengths, cfg.data.micro_batch_tokens, seed=cfg.seed * 1000 + epoch)
-        epoch_steps = plan_steps(micro, world_size, cfg.optim.grad_accum, targets)
-        fraction = min(cfg.optim.epochs - epoch, 1.0)
-        steps += epoch_steps[: max(1, round(len(epoch_steps) * fraction))]
+    plan = partial(plan_epochs, lengths, targets, max_tokens=cfg.data.micro_batch_tokens, world_size=world_size,
+                   grad_accum=cfg.optim.grad_accum)
+    if not cfg.data.two_stage:
+        steps = plan(range(len(examples)), cfg.optim.epochs, seed=cfg.seed)
+    else:
+        short = [i for i, n in enumerate(lengths) if n <= cfg.data.max_length]
+        long = [i for i, n in enumerate(lengths) if n > cfg.data.max_length]
+        wanted_short = round(len(long) * (1 - cfg.data.long_fraction) / cfg.data.long_fraction)
+        mixed = long + random.Random(cfg.seed).sample(short, min(wanted_short, len(short)))
+        steps = plan(short, cfg.optim.epochs, seed=cfg.seed) + plan(mixed, cfg.data.stage_two_epochs, seed=cfg.seed + 1)
     return steps[: cfg.max_steps] if cfg.max_steps else steps
 
 

@@ -14,7 +14,7 @@ from align.data.chat import (
     tokenize_dataset,
     validate_chat_row,
 )
-from align.data.packing import PackedBatch, StepPlan, collate, plan_micro_batches, plan_steps
+from align.data.packing import PackedBatch, StepPlan, collate, plan_epochs, plan_micro_batches, plan_steps
 
 __all__ = [
     "ROLES",
@@ -27,6 +27,7 @@ __all__ = [
     "collate",
     "fit_to_length",
     "load_rows",
+    "plan_epochs",
     "plan_micro_batches",
     "plan_steps",
     "render",

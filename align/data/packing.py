@@ -17,6 +17,7 @@ normalising per micro-batch or per rank instead would weight tokens of sparse mi
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -191,4 +192,31 @@ def plan_steps(
         if total == 0:  # every micro-batch would divide by it
             raise ValueError(f"step {len(steps)} has no target tokens; drop examples without targets first")
         steps.append(StepPlan(micro_batches=ranks, global_target_tokens=total))
+    return steps
+
+
+def plan_epochs(
+    lengths: Sequence[int],
+    target_tokens: Sequence[int],
+    subset: Sequence[int],
+    epochs: float,
+    max_tokens: int,
+    world_size: int,
+    grad_accum: int,
+    seed: int,
+) -> list[StepPlan]:
+    """Optimizer steps for `epochs` passes over the examples in `subset`, each epoch packed with its own seed.
+
+    A fractional last epoch keeps that fraction of its steps (at least one). Indices in the returned plans refer
+    to the full example list, as `lengths` and `target_tokens` do.
+    """
+    if not subset:
+        return []
+    steps: list[StepPlan] = []
+    for epoch in range(math.ceil(epochs)):
+        local = plan_micro_batches([lengths[i] for i in subset], max_tokens, seed=seed * 1000 + epoch)
+        micro = [[subset[j] for j in mb] for mb in local]
+        epoch_steps = plan_steps(micro, world_size, grad_accum, target_tokens)
+        fraction = min(epochs - epoch, 1.0)
+        steps += epoch_steps[: max(1, round(len(epoch_steps) * fraction))]
     return steps
