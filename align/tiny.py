@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from align.model import Qwen2Config, Qwen2ForCausalLM
@@ -25,21 +26,36 @@ from align.tokenizer import load_tokenizer, save_qwen25_tokenizer, train_bpe_tok
 
 TINY_BPE_VOCAB_SIZE = 2048
 """Upper bound on the tiny BPE's regular vocabulary. Qwen2's pre-tokenizer splits numbers into single digits, so
-on the synthetic tasks training stops well below it (754 tokens with the default data)."""
+on the synthetic tasks training stops well below it (785 tokens with the default data)."""
 
 TINY_MODEL_CONFIG = Qwen2Config(
-    vocab_size=832,  # the default tiny tokenizer's 776 tokens, padded to a multiple of 64 as Qwen2.5 pads its own
+    vocab_size=832,  # the default tiny tokenizer's 807 tokens, padded to a multiple of 64 as Qwen2.5 pads its own
     hidden_size=256,
     intermediate_size=768,
     num_hidden_layers=4,
     num_attention_heads=8,  # GQA 8/2 with head_dim 32, like Qwen2.5's 4:1 to 7:1 query/KV ratios
     num_key_value_heads=2,
     max_position_embeddings=2048,
-    rope_theta=1_000_000.0,
+    # Qwen2.5's 1e6 base suits head_dim 128 and long contexts; with head_dim 32 it leaves only ~3 of 16 rotation
+    # pairs that resolve nearby positions, and the tiny model then fails to copy multi-digit numbers.
+    rope_theta=10_000.0,
     tie_word_embeddings=True,
     torch_dtype="float32",
 )
 """About 3.2M parameters (0.2M of them the tied embedding): SFT on the synthetic tasks takes minutes on 2 cores."""
+
+
+# What the chat template adds to every example: Qwen2.5's default system prompt and the role headers.
+CHAT_SCAFFOLDING = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "system\n", "user\n",
+                    "assistant\n")
+
+
+def tokenizer_corpus(tasks: TaskDataConfig, seed: int) -> Iterator[str]:
+    """The tasks' text, each example followed by the chat scaffolding it is trained with, so the tiny BPE learns
+    whole-word tokens for the scaffolding instead of spelling ~45 tokens of system prompt letter by letter."""
+    for text in corpus_texts(tasks, seed):
+        yield text
+        yield from CHAT_SCAFFOLDING
 
 
 def build_tiny(output_dir: str | Path, seed: int = 0, tokenizer: str = "tiny",
@@ -56,7 +72,7 @@ def build_tiny(output_dir: str | Path, seed: int = 0, tokenizer: str = "tiny",
         tmp = Path(tmp)
         write_task_data(tmp / "data", tasks, seed=seed)
         if tokenizer == "tiny":
-            train_bpe_tokenizer(corpus_texts(tasks, seed), TINY_BPE_VOCAB_SIZE, tmp)
+            train_bpe_tokenizer(tokenizer_corpus(tasks, seed), TINY_BPE_VOCAB_SIZE, tmp)
         elif tokenizer == "qwen2.5":
             save_qwen25_tokenizer(tmp)
         else:
