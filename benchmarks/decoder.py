@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tokens and steps (a smoke run)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", default="benchmarks/results/decoder.json")
-    parser.add_argument("--only", help="run only the training cases of this model (tiny or qwen-50m)")
+    parser.add_argument("--only", choices=[*MODELS, "logprobs"], help="run only this model's training cases, or "
+                        "only the log-prob case")
     parser.add_argument("--repeats", type=int, default=1, help="run each case this many times, alternating "
                         "systems, and keep each system's best (less sensitive to other load on the machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -194,7 +195,7 @@ def main() -> None:
             "params": ours["params"], "details": results,
         })
         print_row(rows[-1])
-    if args.only:
+    if args.only and args.only != "logprobs":
         return print("\n" + markdown_table(rows))
     # 4096 tokens: full float32 logits and their gradient take ~10 GB here, the 1024-token chunks a few.
     tokens, steps = (512, 1) if args.quick else (4096, 1)
