@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,18 +23,7 @@ import torch
 from align.model import PackedLayout, load_pretrained
 from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
-
-VLLM_SNIPPET = """
-import json, sys
-from vllm import LLM, SamplingParams
-model_dir, prompts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-llm = LLM(model=model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, gpu_memory_utilization=0.15,
-          seed=0)
-outputs = llm.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=24, logprobs=0, seed=0))
-json.dump([{"prompt_ids": list(o.prompt_token_ids), "ids": list(c.token_ids), "text": c.text,
-            "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
-           for o in outputs for c in o.outputs], open(out, "w"))
-"""
+from rollout.offline import SamplingSpec, generate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,21 +83,19 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.apply_chat_template(json.loads(line)["prompt"], tokenize=False, add_generation_prompt=True)
         for line in splits["eval"][:2]
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "samples.json"
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-        subprocess.run([sys.executable, "-c", VLLM_SNIPPET, str(model_dir), json.dumps(prompts), str(out)],
-                       check=True, env=env)
-        samples = json.loads(out.read_text())
+    completions = generate(model_dir, prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=24))
     worst = 0.0
-    for sample in samples:
-        full = sample["prompt_ids"] + sample["ids"]
-        with torch.no_grad():
-            ours = model(torch.tensor([full[:-1]]), target_ids=torch.tensor([full[1:]])).logprobs[0]
-        worst = max(worst, (ours[len(sample["prompt_ids"]) - 1:] - torch.tensor(sample["logprobs"])).abs().max())
-    print(f"[5/5] vLLM sampled {len(samples)} answers; max |vLLM log-prob - ours| = {worst:.2e}")
-    for sample in samples[:2]:
-        print(f"      untrained sample: {sample['text']!r}")
+    for prompt, per_prompt in zip(prompts, completions, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        for completion in per_prompt:
+            full = prompt_ids + completion.token_ids
+            with torch.no_grad():
+                ours = model(torch.tensor([full[:-1]]), target_ids=torch.tensor([full[1:]])).logprobs[0]
+            gap = (ours[len(prompt_ids) - 1:] - torch.tensor(completion.logprobs)).abs().max()
+            worst = max(worst, float(gap))
+    print(f"[5/5] vLLM sampled {sum(map(len, completions))} answers; max |vLLM log-prob - ours| = {worst:.2e}")
+    for completion in completions[0]:
+        print(f"      untrained sample: {completion.text!r}")
     print(f"done in {time.perf_counter() - start:.0f}s")
 
 

@@ -27,7 +27,9 @@ and MLP projections and the LM head; the embedding lookup is not a matmul, the h
 S is the token-weighted mean sequence length (sum l^2 / sum l: each sequence attends only within itself). The
 attention term follows PaLM (appendix B), which counts the causally masked half too; work a system spends on
 padding or masked-out attention is not counted. MFU = achieved FLOP/s / the rate of a 2048 x 2048 @ 2048 x 2048
-float32 matmul with the same threads (measured before and after the training runs; the higher is used).
+float32 matmul with the same threads: the fastest call of about 2 s of calls before and again after the training
+runs (on the project's shared 2-core VMs the median rate drifts by 10-25% between measurements; the fastest call
+is the rate the machine demonstrably reaches, so MFU errs low).
 
 Each system runs in its own subprocess (its peak resident memory is its own, read with wait4). Other processes on
 the cores distort the comparison badly (see `contention_warnings`); the script warns when it sees them.
@@ -102,6 +104,7 @@ TRL_VARIANTS = {"trl": packed_settings, "trl_padded": padded_settings}
 
 
 def trl_settings(variant: str, steps: int, tokens: int, batch_size: int, max_length: int) -> dict:
+    """SFTConfig arguments: the variant's batching plus what every variant shares with our recipe's defaults."""
     optim = load_recipe().OptimArgs()
     return dict(
         **TRL_VARIANTS[variant](tokens, batch_size, max_length),
@@ -180,8 +183,8 @@ def recipe_plan(model_path: str, data_path: str, steps: int, tokens: int, max_le
     recipe = load_recipe()
     cfg = recipe.SFTConfig(max_steps=steps, data=recipe.DataArgs(path=data_path, max_length=max_length,
                                                                  micro_batch_tokens=tokens))
-    examples, _ = tokenize_dataset(load_rows(data_path), load_tokenizer(model_path), max_length, "truncate",
-                                   source=data_path)
+    examples, _ = tokenize_dataset(load_rows(data_path), load_tokenizer(model_path), cfg.data.longest,
+                                   cfg.data.overflow, source=data_path)  # as the recipe tokenizes
     plan = recipe.plan_all_steps(examples, cfg, world_size=1)
     lengths = [len(e) for e in examples]
     step_tokens = [sum(len(examples[i]) for mb in p.for_rank(0) for i in mb) for p in plan]
@@ -352,7 +355,7 @@ def main() -> None:
         flops = flops_per_token(model_path, runs["ours"]["mean_context"])
     load["end"] = os.getloadavg()
 
-    peak_gflops = max(m["gflops_median"] for m in matmul.values())
+    peak_gflops = max(m["gflops_best"] for m in matmul.values())
     summary = {name: summarise(run, flops["total"], peak_gflops) for name, run in runs.items()}
     ratios = {
         peer: {k: summary["ours"][k] / summary[peer][k] for k in ("tokens_per_s", "mfu", "step_s", "peak_rss_mb")}
@@ -368,7 +371,8 @@ def main() -> None:
     print(f"\nFLOPs/token {flops['total'] / 1e6:.2f} M (6N {flops['dense'] / 1e6:.2f} M with N = "
           f"{flops['matmul_params'] / 1e6:.2f} M matmul weights, attention {flops['attention'] / 1e6:.2f} M at mean "
           f"context {flops['mean_context']:.0f}); matmul peak {peak_gflops:.1f} GFLOP/s "
-          f"(before {matmul['before']['gflops_median']:.1f}, after {matmul['after']['gflops_median']:.1f}); "
+          f"(fastest call; medians before {matmul['before']['gflops_median']:.1f}, after "
+          f"{matmul['after']['gflops_median']:.1f}); "
           f"load average {load['start'][0]:.2f} -> {load['end'][0]:.2f}")
     print(f"loss: ours {loss['ours']}; TRL {loss['trl']}")
     warnings = contention_warnings(summary, matmul)
