@@ -24,6 +24,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
+def use_cpu_cores(local_processes: int) -> None:
+    """Give each CPU rank its share of the machine's cores. `accelerate launch` without `--cpu` exports
+    OMP_NUM_THREADS=1, which halved the tiny default's throughput on 2 cores; never go below what was asked."""
+    share = max(len(os.sched_getaffinity(0)) // max(local_processes, 1), 1)
+    if torch.get_num_threads() < share:
+        torch.set_num_threads(share)
+
+
 class TrainEngine:
     """The launch configuration accelerate was started with; after `prepare`, the model, optimizer and LR
     scheduler wrapped for it. Create it first: the main process builds shared files while the others wait."""
@@ -35,6 +43,8 @@ class TrainEngine:
             # rank as a lone process; name gloo so the ranks form one group (DS_ACCELERATOR=cpu must be set).
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+        if self.accelerator.device.type == "cpu":
+            use_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes)))
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.max_grad_norm = max_grad_norm
 
