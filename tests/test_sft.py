@@ -213,7 +213,7 @@ def test_two_stage_plan_trains_short_then_mixes_in_long():
     lengths = [20] * 60 + [90] * 10  # 60 short examples, 10 long ones
     examples = [TokenizedChat([1] * n, [False] + [True] * (n - 1)) for n in lengths]
     cfg = recipe.SFTConfig(data=recipe.DataArgs(max_length=32, long_max_length=128, long_fraction=0.25,
-                                                micro_batch_tokens=128))
+                                                micro_batch_tokens=128), optim=recipe.OptimArgs(epochs=1.0))
     steps = recipe.plan_all_steps(examples, cfg, world_size=1)
     seen = [[i for slots in s.micro_batches for mb in slots for i in mb] for s in steps]
     stage_one_steps = len(plan_epochs(lengths, [n - 1 for n in lengths], range(60), 1.0, 128, 1, 1, seed=0))
@@ -223,5 +223,5 @@ def test_two_stage_plan_trains_short_then_mixes_in_long():
     long_in_two = sum(lengths[i] > 32 for i in stage_two)
     assert long_in_two == 10 and len(stage_two) == 40  # 10 long are 25% of stage two: 30 short sampled
     one_stage = recipe.plan_all_steps(examples, recipe.SFTConfig(data=recipe.DataArgs(
-        max_length=128, micro_batch_tokens=128)), world_size=1)
+        max_length=128, micro_batch_tokens=128), optim=recipe.OptimArgs(epochs=1.0)), world_size=1)
     assert sorted(i for s in one_stage for slots in s.micro_batches for mb in slots for i in mb) == list(range(70))
