@@ -33,8 +33,10 @@ TINY_MODEL_CONFIG = Qwen2Config(
     hidden_size=256,
     intermediate_size=768,
     num_hidden_layers=4,
-    num_attention_heads=8,  # GQA 8/2 with head_dim 32, like Qwen2.5's 4:1 to 7:1 query/KV ratios
-    num_key_value_heads=2,
+    # GQA 8/4 with head_dim 32. Qwen2.5 shares each KV head among 4-7 query heads; at this size 4 KV heads copy
+    # numbers from the prompt markedly better than 2 (code level 1: 92% vs 72% after the same 330 s) for ~5% speed.
+    num_attention_heads=8,
+    num_key_value_heads=4,
     max_position_embeddings=2048,
     # Qwen2.5's 1e6 base suits head_dim 128 and long contexts; with head_dim 32 it leaves only ~3 of 16 rotation
     # pairs that resolve nearby positions, and the tiny model then fails to copy multi-digit numbers.
@@ -42,7 +44,7 @@ TINY_MODEL_CONFIG = Qwen2Config(
     tie_word_embeddings=True,
     torch_dtype="float32",
 )
-"""About 3.2M parameters (0.2M of them the tied embedding): SFT on the synthetic tasks takes minutes on 2 cores."""
+"""About 3.4M parameters (0.2M of them the tied embedding): SFT on the synthetic tasks takes minutes on 2 cores."""
 
 
 # What the chat template adds to every example: Qwen2.5's default system prompt and the role headers.

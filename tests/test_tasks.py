@@ -23,7 +23,10 @@ from align.tasks import (
 from align.tasks.__main__ import main as tasks_main
 
 SMALL = TaskDataConfig(arithmetic_sft=200, code_sft=120, arithmetic_prompts=60, code_prompts=40, eval_per_level=8)
-STEP = re.compile(r"^(-?\d+) ([-+*]) (\(-\d+\)|\d+) = (-?\d+)$")
+# `47 + 38: 7+8=15, 4+3+1=8, so 85`, or `47 * (-16) = -752` when a product of two multi-digit numbers has no work.
+STEP = re.compile(r"^(-?\d+) ([-+*]) (\(-\d+\)|\d+)(?:: (.+), so | = )(-?\d+)$")
+REWRITE = re.compile(r"^(\d+) ([-+*]) (\d+): ")
+COLUMN = re.compile(r"^(\d+)([-+*])(\d)(?:([-+])(\d))?=(\d+)$")
 EXPRESSION = re.compile(r"^What is (.+)\?$")
 
 
@@ -105,6 +108,35 @@ def test_extract_boxed_answer(text, expected):
     assert extract_boxed_answer(text) == expected
 
 
+def check_column_work(a: int, op: str, b: int, work: str, result: int) -> None:
+    """The digit-level work of `a op b` uses the operands' digits, units first, each column's arithmetic is right,
+    carries and borrows come from the column before, and the columns' digits spell |result|."""
+    rewrite = REWRITE.match(work)
+    if rewrite:  # the unsigned operation the signed one reduces to
+        x, unsigned_op, y = int(rewrite[1]), rewrite[2], int(rewrite[3])
+        work = work[rewrite.end():]
+    else:
+        x, unsigned_op, y = a, op, b
+    assert x >= 0 and y >= 0 and abs(result) == abs(safe_eval(f"{x} {unsigned_op} {y}")), (a, op, b, work)
+    columns = [COLUMN.match(c).groups() for c in work.split(", ")]
+    width = len(str(x)) if unsigned_op == "*" else max(len(str(x)), len(str(y)))
+    assert len(columns) == width, work
+    x_digits, y_digits = ([int(d) for d in reversed(str(n).zfill(width))] for n in (x, y))
+    carry, values = 0, []
+    for i, (top, column_op, digit, _, carry_in, value) in enumerate(columns):
+        top, digit, value = int(top), int(digit), int(value)
+        assert column_op == unsigned_op and int(carry_in or 0) == carry, (work, i)
+        if unsigned_op == "-":
+            assert top % 10 == x_digits[i] and digit == y_digits[i] and top - digit - carry == value < 10
+            carry = int(top >= 10)
+        else:
+            assert top == x_digits[i] and digit == (y if unsigned_op == "*" else y_digits[i])
+            assert safe_eval(f"{top} {unsigned_op} {digit}") + carry == value
+            carry = value // 10
+        values.append(value)
+    assert abs(result) == int(f"{values[-1]}" + "".join(str(v % 10) for v in reversed(values[:-1]))), work
+
+
 # ---- arithmetic -------------------------------------------------------------------------------------------
 
 
@@ -118,8 +150,10 @@ def test_arithmetic_worked_solutions_are_correct(level):
         assert len(steps) == len(re.findall(r" [-+*] ", expression))  # one line per operation
         available = [int(n) for n in re.findall(r"\d+", expression)]  # literals, then results as they appear
         for step in steps:
-            left, op, right, result = STEP.match(step).groups()
+            left, op, right, work, result = STEP.match(step).groups()
             assert safe_eval(f"{left} {op} {right}") == int(result), step
+            if work is not None:
+                check_column_work(int(left), op, safe_eval(right), work, int(result))
             for operand in (int(left), safe_eval(right)):
                 assert operand in available, f"{step}: {operand} is neither a literal nor an earlier result"
                 available.remove(operand)

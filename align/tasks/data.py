@@ -38,7 +38,7 @@ class TaskDataConfig:
 
     families: tuple[str, ...] = ("arithmetic", "code")
     """Task families to include (keys of FAMILIES)."""
-    arithmetic_sft: int = 4000
+    arithmetic_sft: int = 3000
     """SFT chat rows of the arithmetic family."""
     code_sft: int = 2000
     """SFT chat rows of the code family."""
@@ -48,7 +48,7 @@ class TaskDataConfig:
     """RL / rejection-sampling prompt rows of the code family."""
     eval_per_level: int = 50
     """Held-out eval rows per family and difficulty level."""
-    arithmetic_sft_mix: tuple[float, ...] = (0.3, 0.25, 0.2, 0.15, 0.1)
+    arithmetic_sft_mix: tuple[float, ...] = (0.5, 0.3, 0.12, 0.05, 0.03)
     """Relative weight of arithmetic levels 1..5 in SFT (weighted towards easy)."""
     code_sft_mix: tuple[float, ...] = (0.4, 0.35, 0.25)
     """Relative weight of code levels 1..3 in SFT."""
