@@ -225,3 +225,21 @@ def test_two_stage_plan_trains_short_then_mixes_in_long():
     one_stage = recipe.plan_all_steps(examples, recipe.SFTConfig(data=recipe.DataArgs(
         max_length=128, micro_batch_tokens=128), optim=recipe.OptimArgs(epochs=1.0)), world_size=1)
     assert sorted(i for s in one_stage for slots in s.micro_batches for mb in slots for i in mb) == list(range(70))
+
+
+def test_cpu_ranks_use_their_share_of_cores():
+    # accelerate exports OMP_NUM_THREADS=1; each of N local CPU ranks should still get cores // N threads, and a
+    # larger thread count set explicitly is kept. Subprocesses: the thread count is process-global.
+    cores = len(os.sched_getaffinity(0))
+    probe = ("import sys, torch; from align.engine import use_cpu_cores; ranks, preset = map(int, sys.argv[1:]); "
+             "preset and torch.set_num_threads(preset); use_cpu_cores(ranks); print(torch.get_num_threads())")
+
+    def threads(ranks: int, preset: int = 0) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", probe, str(ranks), str(preset)], env=env, capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert threads(1) == cores
+    assert threads(2) == max(cores // 2, 1)
+    assert threads(1, preset=cores + 3) == cores + 3
