@@ -33,19 +33,10 @@ def load_pretrained(
         FileNotFoundError / ValueError naming the file and what is wrong with it.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model directory")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (a model directory needs config.json)")
-    config = Qwen2Config.from_file(config_file)
-    if dtype is not None:
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        config = config.replace(torch_dtype=next(k for k, v in DTYPES.items() if v == dtype))
-
+    config = read_config(path, dtype)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    state = _read_safetensors(path, device)
+    state = read_safetensors(path, device)
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some writers store the tied copy; the embedding is the one kept
@@ -65,7 +56,23 @@ def load_pretrained(
     return model
 
 
-def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+def read_config(path: str | Path, dtype: torch.dtype | str | None = None) -> Qwen2Config:
+    """The architecture in a model directory's config.json, with its weights dtype replaced by `dtype` if given."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (a model directory needs config.json)")
+    config = Qwen2Config.from_file(config_file)
+    if dtype is not None:
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        config = config.replace(torch_dtype=next(k for k, v in DTYPES.items() if v == dtype))
+    return config
+
+
+def read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors weights (single file or sharded with an index)."""
     index_file = path / INDEX_FILE
     if index_file.is_file():
         try:

@@ -200,7 +200,7 @@ class Qwen2ForCausalLM(nn.Module):
         """
         batch, length = input_ids.shape
         if layout is not None and position_ids is None:
-            position_ids = _positions_from_layout(layout).view(batch, length)
+            position_ids = positions_from_layout(layout).view(batch, length)
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         elif layout is None:
@@ -227,7 +227,8 @@ class Qwen2ForCausalLM(nn.Module):
         save_pretrained(self, output_dir, max_shard_size)
 
 
-def _positions_from_layout(layout: PackedLayout) -> torch.Tensor:
+def positions_from_layout(layout: PackedLayout) -> torch.Tensor:
+    """Position ids [total_tokens] of a packed batch: 0, 1, ... restarting at every sequence."""
     cu = layout.cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     starts = torch.repeat_interleave(cu[:-1], lengths)
