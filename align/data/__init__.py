@@ -1,5 +1,6 @@
-"""SFT data: chat rows in the TRL / OpenRLHF `messages` format, tokenized with an assistant-only loss mask
-(`chat.py`), and packed into padding-free micro-batches grouped into optimizer steps (`packing.py`)."""
+"""Training data: chat rows in the TRL / OpenRLHF `messages` format, tokenized with an assistant-only loss mask
+(`chat.py`); preference pairs in TRL / RewardBench formats (`pairs.py`); packing into padding-free micro-batches
+grouped into optimizer steps (`packing.py`)."""
 
 from align.data.chat import (
     ROLES,
@@ -15,23 +16,29 @@ from align.data.chat import (
     validate_chat_row,
 )
 from align.data.packing import PackedBatch, StepPlan, collate, plan_epochs, plan_micro_batches, plan_steps
+from align.data.pairs import PairStats, PreferencePair, TokenizedPair, parse_pair, tokenize_pairs
 
 __all__ = [
     "ROLES",
     "DataError",
     "PackedBatch",
+    "PairStats",
+    "PreferencePair",
     "StepPlan",
     "TokenizeStats",
     "TokenizedChat",
+    "TokenizedPair",
     "assistant_spans",
     "collate",
     "fit_to_length",
     "load_rows",
+    "parse_pair",
     "plan_epochs",
     "plan_micro_batches",
     "plan_steps",
     "render",
     "tokenize_chat",
     "tokenize_dataset",
+    "tokenize_pairs",
     "validate_chat_row",
 ]

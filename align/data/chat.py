@@ -13,7 +13,7 @@ the conversation, so any template works as long as rendering more messages only 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,23 +159,29 @@ def validate_chat_row(row: Mapping, source: str, index: int) -> list[dict]:
         raise fail("messages", f"expected a list of messages, got {type(messages).__name__}")
     if not messages:
         raise fail("messages", "empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise fail(f"messages[{i}]", f"expected a dict with 'role' and 'content', got {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
-        if role is None:
-            raise fail(f"messages[{i}].role", "missing")
-        if role not in ROLES:
-            raise fail(f"messages[{i}].role", f"{role!r} is not one of {', '.join(ROLES)}")
-        if role == "system" and i > 0:
-            raise fail(f"messages[{i}].role", "a system message may only come first")
-        if content is None:
-            raise fail(f"messages[{i}].content", "missing")
-        if not isinstance(content, str):
-            raise fail(f"messages[{i}].content", f"expected a string, got {type(content).__name__} {content!r:.40}")
+    check_messages(messages, "messages", fail)
     if not any(message["role"] == "assistant" for message in messages):
         raise fail("messages", "no assistant turn, so nothing to train on")
     return list(messages)
+
+
+def check_messages(messages: list, field: str, fail: Callable[[str, str], DataError]) -> None:
+    """Each message is a dict whose `role` is one of ROLES and whose `content` is a string; a system message may
+    only come first. `fail(field, problem)` builds the error, so callers name their own file, row and field."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise fail(f"{field}[{i}]", f"expected a dict with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            raise fail(f"{field}[{i}].role", "missing")
+        if role not in ROLES:
+            raise fail(f"{field}[{i}].role", f"{role!r} is not one of {', '.join(ROLES)}")
+        if role == "system" and i > 0:
+            raise fail(f"{field}[{i}].role", "a system message may only come first")
+        if content is None:
+            raise fail(f"{field}[{i}].content", "missing")
+        if not isinstance(content, str):
+            raise fail(f"{field}[{i}].content", f"expected a string, got {type(content).__name__} {content!r:.40}")
 
 
 # --- Tokenization -------------------------------------------------------------------------------------------

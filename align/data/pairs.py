@@ -1,0 +1,145 @@
+"""Preference pairs: rows in the formats TRL and RewardBench users have, checked and tokenized for reward models.
+
+Accepted rows (other keys are kept but ignored):
+- RewardBench / TRL "standard": `prompt`, `chosen`, `rejected` as strings (the prompt is one user turn, each answer
+  one assistant turn);
+- TRL "conversational": `prompt` a message list, `chosen` and `rejected` message lists of the answer turns;
+- TRL "implicit prompt": no `prompt`; `chosen` and `rejected` whole conversations, the prompt being the messages
+  they share before they differ.
+Optional: `margin` (a number: how much better chosen must score) and `subset` (RewardBench's section name).
+
+A reward model scores a whole conversation at its last token, so a pair over the length limit is dropped, never
+truncated (truncation would score a cut-off answer), and the count is reported, as TRL's RewardTrainer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from align.data.chat import DataError, check_messages, render
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: the same prompt answered two ways, `chosen` preferred."""
+
+    prompt: list[dict]
+    """Messages before the answers (system / user / earlier turns)."""
+    chosen: list[dict]
+    """The preferred answer's messages."""
+    rejected: list[dict]
+    """The other answer's messages."""
+    margin: float | None = None
+    """How much better chosen must score (None: 0)."""
+    subset: str | None = None
+    """RewardBench section, for per-subset accuracy."""
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A pair as two token sequences, each the full conversation the reward model scores at its last token."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float
+    subset: str | None
+
+
+def parse_pair(row: Mapping, source: str, index: int) -> PreferencePair:
+    """Check one row in any accepted format and return it as a `PreferencePair`.
+
+    Raises:
+        DataError: `"{source}: row {index}: field '{field}': {problem}"`.
+    """
+
+    def fail(field: str, problem: str) -> DataError:
+        return DataError(f"{source}: row {index}: field '{field}': {problem}")
+
+    if not isinstance(row, Mapping):
+        raise DataError(f"{source}: row {index}: expected an object with chosen and rejected, got {type(row).__name__}")
+    for field in ("chosen", "rejected"):
+        if row.get(field) is None:  # columnar formats fill keys a row lacks with None
+            raise fail(field, "missing")
+    prompt = row.get("prompt")
+    if prompt is None:
+        chosen, rejected = (_messages(row[field], field, fail) for field in ("chosen", "rejected"))
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise fail("prompt", "missing, and chosen and rejected share no opening messages to take it from")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt", fail)
+        chosen, rejected = (_answer(row[field], field, fail) for field in ("chosen", "rejected"))
+    for field, answer in (("chosen", chosen), ("rejected", rejected)):
+        if answer[-1]["role"] != "assistant":
+            raise fail(field, f"must end with an assistant turn, ends with {answer[-1]['role']!r}")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float)):
+        raise fail("margin", f"expected a number, got {type(margin).__name__} {margin!r:.40}")
+    subset = row.get("subset")
+    if subset is not None and not isinstance(subset, str):
+        raise fail("subset", f"expected a string, got {type(subset).__name__}")
+    return PreferencePair(prompt, chosen, rejected, None if margin is None else float(margin), subset)
+
+
+def _messages(value, field: str, fail) -> list[dict]:
+    if not isinstance(value, list):
+        raise fail(field, f"expected a list of messages, got {type(value).__name__}")
+    if not value:
+        raise fail(field, "empty list")
+    check_messages(value, field, fail)
+    return [dict(message) for message in value]
+
+
+def _answer(value, field: str, fail) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return _messages(value, field, fail)
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """What `tokenize_pairs` did; rows = kept + dropped_too_long."""
+
+    rows: int
+    """Rows read."""
+    dropped_too_long: int
+    """Pairs with a side over max_length."""
+    tokens: int
+    """Tokens in the kept pairs (both sides)."""
+
+    @property
+    def kept(self) -> int:
+        return self.rows - self.dropped_too_long
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase) -> TokenizedPair:
+    """Render both conversations with the chat template and tokenize them as they are at inference."""
+    chosen, rejected = (tokenizer(render(pair.prompt + answer, tokenizer), add_special_tokens=False)["input_ids"]
+                        for answer in (pair.chosen, pair.rejected))
+    return TokenizedPair(list(chosen), list(rejected), pair.margin or 0.0, pair.subset)
+
+
+def tokenize_pairs(
+    rows: datasets.Dataset | Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str
+) -> tuple[list[TokenizedPair], PairStats]:
+    """Check and tokenize every row; drop pairs with a side longer than max_length.
+
+    Raises:
+        DataError: on the first invalid row, naming source, row and field.
+    """
+    pairs, dropped = [], 0
+    for index, row in enumerate(rows):
+        tokenized = tokenize_pair(parse_pair(row, source, index), tokenizer)
+        if max(len(tokenized.chosen_ids), len(tokenized.rejected_ids)) > max_length:
+            dropped += 1
+        else:
+            pairs.append(tokenized)
+    tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return pairs, PairStats(rows=len(rows), dropped_too_long=dropped, tokens=tokens)
