@@ -238,10 +238,11 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     first = write_task_data(tmp_path / "a", SMALL, seed=7)
     second = write_task_data(tmp_path / "b", SMALL, seed=7)
     other = write_task_data(tmp_path / "c", SMALL, seed=8)
-    assert set(first) == {"sft", "prompts", "eval"}
+    assert set(first) == {"sft", "prompts", "eval", "pairs", "pairs_eval"}
     assert digest(first) == digest(second)
     assert all(a != b for a, b in zip(digest(first).values(), digest(other).values(), strict=True))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "prompts.jsonl", "sft.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "eval.jsonl", "pairs.jsonl", "pairs_eval.jsonl", "prompts.jsonl", "sft.jsonl"]
 
 
 def test_eval_set_does_not_depend_on_training_sizes(tmp_path):

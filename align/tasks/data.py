@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from align.tasks import arithmetic, code
+from align.tasks.preferences import preference_pairs
 from align.tasks.problem import Problem
 
 
@@ -163,17 +164,22 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def write_task_data(
     output_dir: str | Path, config: TaskDataConfig = TaskDataConfig(), seed: int = 0
 ) -> dict[str, Path]:
-    """Writes sft.jsonl, prompts.jsonl and eval.jsonl into `output_dir`; returns split name -> path.
+    """Writes sft.jsonl, prompts.jsonl and eval.jsonl into `output_dir`, and reward-model preference pairs:
+    pairs.jsonl from the SFT problems, pairs_eval.jsonl from the eval problems (held out). Returns name -> path.
 
     Deterministic: the same config and seed give byte-identical files.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, problems in build_splits(config, seed).items():
+    splits = build_splits(config, seed)
+    for split, problems in splits.items():
         paths[split] = output_dir / f"{split}.jsonl"
         to_row = sft_row if split == "sft" else prompt_row
         _write_jsonl_atomic(paths[split], [to_row(p) for p in problems])
+    for name, split in (("pairs", "sft"), ("pairs_eval", "eval")):
+        paths[name] = output_dir / f"{name}.jsonl"
+        _write_jsonl_atomic(paths[name], preference_pairs(splits[split], seed))
     return paths
 
 
