@@ -29,8 +29,8 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
-from align.config import config_to_dict, parse_config, save_config
+from align.checkpoint import latest_checkpoint, read_state
+from align.config import parse_config
 from align.data import DataError, collate, load_rows, plan_epochs, tokenize_dataset
 from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
@@ -38,6 +38,7 @@ from align.lora import LoraArgs, apply_lora, merged_state_dict
 from align.losses import sft_loss
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
+from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
 from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
 
@@ -149,7 +150,7 @@ class SFTConfig:
 def main(cfg: SFTConfig) -> None:
     out = Path(cfg.output_dir)
     engine = TrainEngine(max_grad_norm=cfg.optim.max_grad_norm)
-    refuse_other_runs(out, cfg)
+    refuse_other_runs(out, cfg.resume)
 
     # --- model and data (checked before the output directory is claimed) ----------------------------------
     model_dir = Path(cfg.model.path) if cfg.model.path else out / "base-model"
@@ -235,7 +236,7 @@ def main(cfg: SFTConfig) -> None:
                                      tok_s=f"{record['tokens_per_s']:.0f}")
             window = dict.fromkeys(window, 0.0)
         if (cfg.save_every and step % cfg.save_every == 0) or step == len(steps):
-            save_checkpoint(engine, out, step, cfg)
+            save_checkpoint(engine, out, step, cfg, cfg.keep_last)
     progress.close()
 
     # --- export and evaluate -------------------------------------------------------------------------------
@@ -259,19 +260,6 @@ def main(cfg: SFTConfig) -> None:
     engine.end()
 
 
-def refuse_other_runs(out: Path, cfg: SFTConfig) -> None:
-    """Never write over another run: continue it with --resume or pick another directory."""
-    holds_run = (out / "config.yaml").is_file() or latest_checkpoint(out) is not None
-    if holds_run and not cfg.resume:
-        raise FileExistsError(f"{out} holds another run; pass --resume to continue it, or choose another --output-dir")
-
-
-def claim_output_dir(out: Path, cfg: SFTConfig) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    save_config(cfg, out / "config.yaml")
-
-
 def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
     """Optimizer steps for the whole run. Two-stage SFT: stage one on the short examples, then stage two on the
     long ones mixed with a sample of short ones (`data.long_fraction` of stage two being long)."""
@@ -288,24 +276,6 @@ def plan_all_steps(examples, cfg: SFTConfig, world_size: int):
         mixed = long + random.Random(cfg.seed).sample(short, min(wanted_short, len(short)))
         steps = plan(short, cfg.optim.epochs, seed=cfg.seed) + plan(mixed, cfg.data.stage_two_epochs, seed=cfg.seed + 1)
     return steps[: cfg.max_steps] if cfg.max_steps else steps
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and norm gains are not decayed (as in the Qwen2.5 recipe's AdamW)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def save_checkpoint(engine: TrainEngine, out: Path, step: int, cfg: SFTConfig) -> None:
-    staging = staging_dir(out, step)
-    engine.save(staging)
-    engine.barrier()
-    if engine.is_main:
-        save_config(cfg, staging / "config.yaml")
-        publish_checkpoint(out, step, {"step": step, "config": config_to_dict(cfg)}, cfg.keep_last)
-    engine.barrier()
 
 
 if __name__ == "__main__":
