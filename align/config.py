@@ -392,9 +392,9 @@ def _metavar(tp: Any) -> str:
 
 
 _EPILOG = (
-    "Precedence: dataclass defaults < --config preset < flags. Every flag also accepts the dotted spelling "
-    "(--optim.weight_decay); booleans take --flag, --no-flag or --flag true|false; 'none' sets an optional field to "
-    "None; lists are comma-separated; dict fields take JSON."
+    "Precedence: dataclass defaults < --config preset < flags. Every flag also accepts the dotted spelling\n"
+    "(--optim.weight_decay); booleans take --flag, --no-flag or --flag true|false; 'none' sets an optional\n"
+    "field to None; lists are comma-separated; dict fields take JSON."
 )
 
 
@@ -403,6 +403,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser = argparse.ArgumentParser(
         description=description or _class_doc(cls), epilog=_EPILOG, allow_abbrev=False,
         usage="%(prog)s [-h] [--config FILE] [--FIELD VALUE ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # recipe docstrings carry command lines: keep them
     )
     parser.add_argument("--config", metavar="FILE", help="YAML preset: a nested mapping of the fields below.")
     owner = {"-h": "--help", "--help": "--help", "--config": "--config"}

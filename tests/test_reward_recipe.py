@@ -1,4 +1,4 @@
-"""recipes/reward.py end to end on the tiny model: trains, resumes, exports a checkpoint transformers loads as
+"""recipes/reward_model.py end to end on the tiny model: trains, resumes, exports a checkpoint transformers loads as
 `Qwen2ForSequenceClassification`, and reports held-out pair accuracy before and after."""
 
 import json
@@ -25,7 +25,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "recipes/reward.py", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "recipes/reward_model.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
 
 

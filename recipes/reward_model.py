@@ -1,8 +1,11 @@
 """Reward-model training with the Bradley-Terry loss (the report's reward model for online RL).
 
-    accelerate launch recipes/reward.py                                   # embedded default, one process
-    accelerate launch --config_file recipes/configs/accelerate/zero3.yaml recipes/reward.py   # ZeRO-3, 2 ranks
-    accelerate launch ... recipes/reward.py --model-path SFT_DIR --data-path pairs.jsonl --data-eval-path held.jsonl
+(Named reward_model.py, not reward.py: a recipe is run as a script, its directory goes first on sys.path, and a
+recipes/reward.py would shadow the `reward` package for every recipe.)
+
+    accelerate launch recipes/reward_model.py                                # embedded default, one process
+    accelerate launch --config_file recipes/configs/accelerate/zero3.yaml recipes/reward_model.py   # ZeRO-3
+    accelerate launch ... recipes/reward_model.py --model-path SFT_DIR --data-path P.jsonl --data-eval-path E.jsonl
 
 With no arguments it builds the embedded tiny Qwen2.5-architecture model and its synthetic preference pairs
 (correct against wrong answers, concise against padded), measures held-out pair accuracy, trains, and measures
@@ -24,25 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-# Run as a script, this file's directory comes first on sys.path and its name would shadow the `reward` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import get_cosine_with_min_lr_schedule_with_warmup  # noqa: E402
-
-from align.checkpoint import latest_checkpoint, read_state  # noqa: E402
-from align.config import parse_config  # noqa: E402
-from align.data import DataError, TokenizedChat, collate, load_rows, plan_epochs, tokenize_pairs  # noqa: E402
-from align.engine import TrainEngine  # noqa: E402
-from align.losses import bradley_terry_loss  # noqa: E402
-from align.metrics import MetricsLogger, plot_curves  # noqa: E402
-from align.model import copy_tokenizer_files  # noqa: E402
-from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint  # noqa: E402
-from align.tiny import build_tiny  # noqa: E402
-from align.tokenizer import load_tokenizer  # noqa: E402
-from reward.evaluate import PairAccuracy, evaluate_pairs  # noqa: E402
-from reward.model import load_reward_model, save_reward_model  # noqa: E402
+from align.checkpoint import latest_checkpoint, read_state
+from align.config import parse_config
+from align.data import DataError, TokenizedChat, collate, load_rows, plan_epochs, tokenize_pairs
+from align.engine import TrainEngine
+from align.losses import bradley_terry_loss
+from align.metrics import MetricsLogger, plot_curves
+from align.model import copy_tokenizer_files
+from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
+from align.tiny import build_tiny
+from align.tokenizer import load_tokenizer
+from reward.evaluate import PairAccuracy, evaluate_pairs
+from reward.model import load_reward_model, save_reward_model
 
 
 @dataclass(frozen=True)
