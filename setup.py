@@ -42,5 +42,5 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["reward-eval=reward.eval_cli:main"]},
 )

@@ -92,6 +92,8 @@ def preference_pair(problem: Problem, kind: str, rng: random.Random) -> dict | N
         "family": problem.family,
         "difficulty": problem.difficulty,
         "subset": kind,
+        "answer": problem.answer,  # what reward-eval's task verifier checks against
+        "tests": list(problem.tests),
         "prompt": [{"role": "user", "content": problem.prompt}],
         "chosen": [{"role": "assistant", "content": problem.solution}],
         "rejected": [{"role": "assistant", "content": rejected}],
