@@ -4,6 +4,8 @@ JSON and Markdown/PNG outputs, bad rows named."""
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +85,8 @@ def test_console_script_and_bad_rows(rm_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                    + json.dumps({"prompt": "q", "chosen": "a", "rejected": 3}) + "\n")
-    result = subprocess.run(["reward-eval", "--model", str(rm), "--data", str(bad)], capture_output=True, text=True,
+    script = Path(sys.executable).with_name("reward-eval")  # installed beside the venv's python; PATH may lack it
+    result = subprocess.run([str(script), "--model", str(rm), "--data", str(bad)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1
     assert f"{bad}: row 1: field 'rejected': expected a list of messages, got int" in result.stderr
