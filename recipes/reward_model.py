@@ -7,8 +7,9 @@ recipes/reward.py would shadow the `reward` package for every recipe.)
     accelerate launch --config_file recipes/configs/accelerate/zero3.yaml recipes/reward_model.py   # ZeRO-3
     accelerate launch ... recipes/reward_model.py --model-path SFT_DIR --data-path P.jsonl --data-eval-path E.jsonl
 
-With no arguments it builds the embedded tiny Qwen2.5-architecture model and its synthetic preference pairs
-(correct against wrong answers, concise against padded), measures held-out pair accuracy, trains, and measures
+With no arguments it starts from the embedded default's SFT model (built once per machine if missing, see
+align.defaults) and trains on the synthetic preference pairs (correct against wrong answers, concise against
+padded); it measures held-out pair accuracy, trains, and measures
 again. Data: pairs as `prompt` + `chosen` + `rejected` (strings or message lists), optional `margin` and `subset`
 (see align.data.pairs), in JSONL, Parquet or a saved dataset directory. Both answers of a pair are packed into the
 same micro-batch; the loss is normalised over the global number of pairs in each optimizer step.
@@ -34,12 +35,12 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from align.checkpoint import latest_checkpoint, read_state
 from align.config import parse_config
 from align.data import DataError, TokenizedChat, collate, load_rows, plan_epochs, tokenize_pairs
+from align.defaults import base_model_dir, sft_model_dir
 from align.engine import TrainEngine
 from align.losses import bradley_terry_loss
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
 from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
-from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
 from reward.evaluate import PairAccuracy, evaluate_pairs
 from reward.model import load_reward_model, save_reward_model
@@ -48,8 +49,8 @@ from reward.model import load_reward_model, save_reward_model
 @dataclass(frozen=True)
 class ModelArgs:
     path: str = ""
-    """Start from this model directory (an SFT checkpoint, usually). Empty: the embedded tiny default, built into
-    OUTPUT_DIR/base-model."""
+    """Start from this model directory (an SFT checkpoint, usually). Empty: the embedded default's SFT model
+    (align.defaults: built once per machine by recipes/sft.py), with the default data beside its base model."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training weights dtype (bfloat16 on GPUs; CPUs without native bf16 are far slower in it)."""
     gradient_checkpointing: bool = False
@@ -131,13 +132,16 @@ def main(cfg: RewardConfig) -> None:
     refuse_other_runs(out, cfg.resume)
 
     # --- model and data (checked before the output directory is claimed) ----------------------------------
-    model_dir = Path(cfg.model.path) if cfg.model.path else out / "base-model"
-    if not cfg.model.path and engine.is_main and not (model_dir / "config.json").is_file():
-        build_tiny(model_dir, seed=cfg.seed)
-    engine.barrier()
-    data_path = Path(cfg.data.path) if cfg.data.path else model_dir / "data" / "pairs.jsonl"
+    if cfg.model.path:
+        model_dir, default_data = Path(cfg.model.path), Path(cfg.model.path) / "data"
+    else:  # the report's pipeline: the reward model starts from the SFT model
+        if engine.is_main:
+            sft_model_dir(cfg.seed)
+        engine.barrier()
+        model_dir, default_data = sft_model_dir(cfg.seed), base_model_dir(cfg.seed) / "data"
+    data_path = Path(cfg.data.path) if cfg.data.path else default_data / "pairs.jsonl"
     eval_path = None if cfg.data.eval_path == "none" else (
-        Path(cfg.data.eval_path) if cfg.data.eval_path else model_dir / "data" / "pairs_eval.jsonl")
+        Path(cfg.data.eval_path) if cfg.data.eval_path else default_data / "pairs_eval.jsonl")
     model = load_reward_model(model_dir, dtype=cfg.model.dtype, seed=cfg.seed)
     tokenizer = load_tokenizer(model_dir)
     pairs, stats = tokenize_pairs(load_rows(data_path), tokenizer, cfg.data.max_length, source=str(data_path))

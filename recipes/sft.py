@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from align.checkpoint import latest_checkpoint, read_state
 from align.config import parse_config
 from align.data import DataError, collate, load_rows, plan_epochs, tokenize_dataset
+from align.defaults import base_model_dir
 from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
 from align.lora import LoraArgs, apply_lora, merged_state_dict
@@ -39,14 +41,14 @@ from align.losses import sft_loss
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
 from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
-from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     path: str = ""
-    """Model directory (HF format). Empty: the embedded tiny default, built into OUTPUT_DIR/base-model."""
+    """Model directory (HF format). Empty: the embedded default's pretrained tiny base (align.defaults, built once
+    per machine), copied into OUTPUT_DIR/base-model."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training weights dtype (bfloat16 on GPUs; CPUs without native bf16 are far slower in it)."""
     gradient_checkpointing: bool = False
@@ -155,7 +157,7 @@ def main(cfg: SFTConfig) -> None:
     # --- model and data (checked before the output directory is claimed) ----------------------------------
     model_dir = Path(cfg.model.path) if cfg.model.path else out / "base-model"
     if not cfg.model.path and engine.is_main and not (model_dir / "config.json").is_file():
-        build_tiny(model_dir, seed=cfg.seed)
+        shutil.copytree(base_model_dir(cfg.seed), model_dir)  # the run directory keeps the model it started from
     engine.barrier()
     data_path = Path(cfg.data.path) if cfg.data.path else model_dir / "data" / "sft.jsonl"
     eval_path = Path(cfg.data.eval_path) if cfg.data.eval_path else model_dir / "data" / "eval.jsonl"
