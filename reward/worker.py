@@ -1,0 +1,387 @@
+"""The Ray reward worker: scores batches of (prompt, response) with a reward model and/or rule-based verifiers.
+
+    group = RewardWorkerGroup(RewardWorkerArgs(model_path="rm/", verifiers=("task",), num_actors=2, zero3=True))
+    scored = group.score([RewardRequest(prompt=[{"role": "user", "content": "2+3?"}], response="\\boxed{5}",
+                                        task={"family": "arithmetic", "answer": "5"})])
+    scored.reward, scored.model_score, scored.verifier_pass, scored.reason
+    group.close()
+
+Per sample, reward = verifier_weight * pass + model_weight * norm(model_score), where pass is 1 when every
+configured verifier passes the response (else 0) and norm is the configured normalisation of the reward model's
+score (`NORMALIZERS`); a term is absent when its scorer is not configured. The parts come back beside the reward.
+
+The model scores the whole conversation, prompt plus the response as an assistant turn, rendered with the chat
+template and tokenized exactly as `reward-eval` and reward-model training do (`align.data.parse_pair` and
+`tokenize_pair`), packed padding-free by `reward.evaluate.score_sequences`. Nothing is truncated: a reward for
+a cut-off conversation would be a reward for a different answer.
+
+Actors. The batch is split into `num_actors` contiguous slices, one per actor, and the results are concatenated
+in order. Without `zero3` every actor holds the whole model (data parallel). With `zero3` the actors are the
+ranks of one torch.distributed gloo group and the model is wrapped by DeepSpeed ZeRO-3 with no optimizer
+(inference only): each rank keeps 1/N of every parameter and the ranks all-gather each module's weights around
+its forward call. That collective is why every rank must make the same number of forward calls: a rank with
+fewer packed chunks than the busiest one runs a one-token dummy sequence for each missing call. Requests are
+checked on the driver before dispatch, so that a bad row cannot raise on one rank while its peers wait in a
+collective.
+
+Verifier checks run in each actor's small thread pool (they mostly wait on sandboxed child processes), started
+before the model's forward passes so the two overlap.
+
+The group setup (`start_actors`, `form_process_group`, `DistributedActor`) is generic; a later `rollout/`
+policy group of ZeRO-3 ranks can share it (then it should move to a module both import).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from align.data import PreferencePair, parse_pair
+from align.data.pairs import tokenize_pair
+from align.tokenizer import load_tokenizer
+from reward.evaluate import score_sequences
+from reward.model import load_reward_model
+from reward.verifiers import Verdict, check_task
+
+VERIFIERS: dict[str, Callable[[Mapping, str], Verdict]] = {"task": check_task}
+"""Verifier name -> check(task row, response). "task": the synthetic tasks' checker (reward.verifiers.check_task),
+which reads the row's `family` and `answer` (arithmetic) or `tests` (code)."""
+
+
+def _no_normalization(scores: torch.Tensor) -> torch.Tensor:
+    return scores
+
+
+def _batch_whitening(scores: torch.Tensor) -> torch.Tensor:
+    """(s - mean) / std over the scored batch (population std; 0 for a batch of one). Reward models' score scale
+    is arbitrary (Bradley-Terry fixes only differences), so this puts it on a scale comparable to the verifier's
+    0/1, at the price of a reward that depends on what else is in the batch."""
+    if scores.numel() < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / (scores.std(correction=0) + 1e-6)
+
+
+NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": _no_normalization,
+                                                                    "batch": _batch_whitening}
+"""How the model's score enters the reward: "none" raw, "batch" whitened over the batch of one `score` call."""
+
+
+@dataclass(frozen=True)
+class RewardWorkerArgs:
+    """How rewards are computed and by how many actors."""
+
+    model_path: str = ""
+    """Reward model directory (a saved Qwen2ForSequenceClassification with its tokenizer files); "" for none."""
+    verifiers: tuple[str, ...] = ()
+    """Rule-based verifiers to run on every response (keys of VERIFIERS); a sample passes when all pass."""
+    model_weight: float = 1.0
+    """Weight of the (normalised) model score in the reward."""
+    verifier_weight: float = 1.0
+    """Weight of the verifiers' pass (1) / fail (0) in the reward."""
+    model_score_norm: str = "none"
+    """Normalisation of the model score before weighting (keys of NORMALIZERS)."""
+    num_actors: int = 1
+    """Actors the batch is split across; with zero3, the ranks of one ZeRO-3 group."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per actor (fractions let several actors share cores)."""
+    zero3: bool = False
+    """Partition the reward model's parameters across the actors with DeepSpeed ZeRO-3 (inference only)."""
+    batch_tokens: int = 8192
+    """Tokens per packed forward pass (a longer conversation goes alone)."""
+    torch_threads: int = 1
+    """torch.set_num_threads in each actor (by default every process assumes it owns all cores)."""
+    verifier_threads: int = 2
+    """Threads per actor running verifier checks."""
+    collective_timeout_s: float = 600.0
+    """Timeout of the ZeRO-3 group's collectives, so a dead rank ends the others with an error, not a hang."""
+
+    def __post_init__(self):
+        if not self.model_path and not self.verifiers:
+            raise ValueError("RewardWorkerArgs: give a model_path, verifiers, or both")
+        unknown = [name for name in self.verifiers if name not in VERIFIERS]
+        if unknown:
+            raise ValueError(f"RewardWorkerArgs.verifiers: unknown {unknown}; known: {sorted(VERIFIERS)}")
+        if self.model_score_norm not in NORMALIZERS:
+            raise ValueError(f"RewardWorkerArgs.model_score_norm={self.model_score_norm!r}: expected one of "
+                             f"{sorted(NORMALIZERS)}")
+        if not (math.isfinite(self.model_weight) and math.isfinite(self.verifier_weight)):
+            raise ValueError("RewardWorkerArgs: model_weight and verifier_weight must be finite")
+        if self.zero3 and not self.model_path:
+            raise ValueError("RewardWorkerArgs.zero3 partitions a reward model: set model_path")
+        for name in ("num_actors", "batch_tokens", "torch_threads", "verifier_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RewardWorkerArgs.{name}={getattr(self, name)}: must be >= 1")
+        if self.num_cpus <= 0 or self.collective_timeout_s <= 0:
+            raise ValueError("RewardWorkerArgs: num_cpus and collective_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class RewardRequest:
+    """One response to score."""
+
+    prompt: list[dict] | str
+    """The chat messages before the response ({role, content} dicts), or one user turn as a string."""
+    response: str
+    """The policy's answer, scored as the assistant turn that follows the prompt."""
+    task: Mapping | None = None
+    """The task row fields the verifiers read (for "task": family, and answer or tests); None without verifiers."""
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    """What one actor found for its slice, before the rewards are combined."""
+
+    model_score: torch.Tensor | None  # [n] float32 raw reward-model scores; None without a model
+    verifier_pass: torch.Tensor | None  # [n] bool, every verifier passed; None without verifiers
+    reason: tuple[str, ...]  # n verifier reasons ("" without verifiers)
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """Rewards of a batch of requests, in request order, and the parts they came from."""
+
+    reward: torch.Tensor  # [N] float32, verifier_weight * pass + model_weight * norm(model_score)
+    model_score: torch.Tensor | None  # [N] float32 raw reward-model scores; None without a model
+    verifier_pass: torch.Tensor | None  # [N] bool, every verifier passed; None without verifiers
+    reason: tuple[str, ...]  # N verifier reasons, "name: reason" per verifier when several ("" without verifiers)
+
+
+def combine_rewards(model_score: torch.Tensor | None, verifier_pass: torch.Tensor | None, model_weight: float,
+                    verifier_weight: float, model_score_norm: str) -> torch.Tensor:
+    """reward [N] = verifier_weight * verifier_pass + model_weight * NORMALIZERS[model_score_norm](model_score),
+    leaving out a term whose part is None.
+
+    Example: scores [1, 3], passes [True, False], weights 0.5 / 2, "batch": whitened scores [-1, 1], so
+    reward = [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5].
+    """
+    parts = [p for p in (model_score, verifier_pass) if p is not None]
+    if not parts:
+        raise ValueError("combine_rewards: neither a model score nor a verifier result")
+    reward = torch.zeros(parts[0].shape, dtype=torch.float32)  # [N]
+    if model_score is not None:
+        reward += model_weight * NORMALIZERS[model_score_norm](model_score.float())
+    if verifier_pass is not None:
+        reward += verifier_weight * verifier_pass.float()
+    return reward
+
+
+def conversation_ids(request: RewardRequest, tokenizer, index: int) -> list[int]:
+    """Token ids of prompt + response as an assistant turn, exactly as reward-eval tokenizes a pair's side.
+
+    The request goes through parse_pair (which checks the messages) as a pair with the response on both sides;
+    tokenize_pair then renders and tokenizes both: twice the tokenizer work of one side, for no second copy of
+    the tokenization rules."""
+    pair: PreferencePair = parse_pair({"prompt": request.prompt, "chosen": request.response,
+                                       "rejected": request.response}, "reward request", index)
+    return tokenize_pair(pair, tokenizer).chosen_ids
+
+
+def check_requests(requests: Sequence[RewardRequest], args: RewardWorkerArgs) -> None:
+    """Raise ValueError (DataError) on a request an actor could not score; run on the driver before dispatch."""
+    for index, request in enumerate(requests):
+        if not isinstance(request.response, str):
+            raise ValueError(f"reward request: row {index}: field 'response': expected a string, got "
+                             f"{type(request.response).__name__}")
+        parse_pair({"prompt": request.prompt, "chosen": request.response, "rejected": request.response},
+                   "reward request", index)
+        if args.verifiers and (request.task is None or request.task.get("family") is None):
+            raise ValueError(f"reward request: row {index}: field 'task': a row with 'family' is required by "
+                             f"verifiers {args.verifiers}")
+
+
+def greedy_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of consecutive sequences grouped as score_sequences packs them (up to max_tokens per chunk, a longer
+    sequence alone), so that scoring each chunk is exactly one forward call."""
+    chunks: list[list[int]] = []
+    tokens = 0
+    for index, length in enumerate(lengths):
+        if chunks and chunks[-1] and tokens + length <= max_tokens:
+            chunks[-1].append(index)
+            tokens += length
+        else:
+            chunks.append([index])
+            tokens = length
+    return chunks
+
+
+class DistributedActor:
+    """Methods an actor needs to become one rank of a torch.distributed gloo group (see form_process_group)."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a port free on it now (for rank 0 to serve as the group's master)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_process_group(self, master_addr: str, master_port: int, rank: int, world_size: int, local_rank: int,
+                           local_world_size: int, timeout_s: float) -> None:
+        """Join the group; every rank must call it at the same time. DS_ACCELERATOR must already be in the
+        environment (the actor's runtime_env), since deepspeed reads it at import."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_SIZE=str(local_world_size),
+                          LOCAL_WORLD_SIZE=str(local_world_size))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+
+
+def start_actors(actor_class: type, count: int, num_cpus: float, env_vars: dict[str, str],
+                 *init_args) -> tuple[PlacementGroup, list[ray.actor.ActorHandle]]:
+    """`count` actors of `actor_class` (a plain class), one per bundle of a PACK placement group (so ranks share
+    a node when they fit), each with `num_cpus` CPUs and `env_vars` set before it imports anything."""
+    group = placement_group([{"CPU": num_cpus}] * count, strategy="PACK")
+    ray.get(group.ready())
+    remote = ray.remote(actor_class)
+    actors = [
+        remote.options(num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
+        .remote(*init_args)
+        for i in range(count)
+    ]
+    return group, actors
+
+
+def form_process_group(actors: Sequence[ray.actor.ActorHandle], timeout_s: float) -> None:
+    """Make the DistributedActor `actors` ranks 0..N-1 of one gloo group: rank 0 picks a free port on its node
+    and the others connect to it; local ranks count the ranks on the same Ray node."""
+    node_ids = ray.get([actor.node_id.remote() for actor in actors])
+    master_addr, master_port = ray.get(actors[0].master_address.remote())
+    calls = []
+    for rank, actor in enumerate(actors):
+        same_node = [r for r, node in enumerate(node_ids) if node == node_ids[rank]]
+        calls.append(actor.init_process_group.remote(master_addr, master_port, rank, len(actors),
+                                                     same_node.index(rank), len(same_node), timeout_s))
+    ray.get(calls)
+
+
+def zero3_inference_config() -> dict:
+    """DeepSpeed config for parameter partitioning without an optimizer: ZeRO-3 with no optimizer creates only
+    its parameter-offload wrapper (partitioning, gather/release hooks around each module's forward)."""
+    return {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+class RewardActor(DistributedActor):
+    """One reward actor (a Ray actor through RewardWorkerGroup; a plain object works in-process too)."""
+
+    def __init__(self, args: RewardWorkerArgs):
+        torch.set_num_threads(args.torch_threads)
+        self.args = args
+        self.pool = ThreadPoolExecutor(max_workers=args.verifier_threads) if args.verifiers else None
+        self.tokenizer = load_tokenizer(args.model_path) if args.model_path else None
+        self.model = None
+        self.engine = None
+
+    def load_model(self) -> None:
+        """Load the reward model; with zero3 (after init_process_group, on every rank at once) partition it."""
+        if not self.args.model_path:
+            return
+        model = load_reward_model(self.args.model_path).eval()
+        if self.args.zero3:
+            import deepspeed
+
+            # Every rank reads the full checkpoint once; DeepSpeed then keeps this rank's partition of each
+            # parameter and frees the rest.
+            self.engine, *_ = deepspeed.initialize(model=model, config=zero3_inference_config())
+            model = self.engine.module  # its submodules carry ZeRO-3's gather/release hooks
+        self.model = model
+
+    def partition_sizes(self) -> dict[str, tuple[int, int]]:
+        """Parameter name -> (elements this rank holds, elements of the full parameter)."""
+        if self.engine is None:
+            return {name: (p.numel(), p.numel()) for name, p in self.model.named_parameters()}
+        return {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in self.model.named_parameters()}
+
+    def score(self, requests: list[RewardRequest]) -> SampleScores:
+        """Model scores and verifier verdicts of `requests`; with zero3, every rank must call it at once."""
+        verdicts = [[self.pool.submit(VERIFIERS[name], r.task, r.response) for name in self.args.verifiers]
+                    for r in requests] if self.pool else None
+        model_score = self._model_scores(requests) if self.model is not None else None
+        if verdicts is None:
+            return SampleScores(model_score, None, ("",) * len(requests))
+        results = [[future.result() for future in futures] for futures in verdicts]
+        passed = torch.tensor([all(v.passed for v in vs) for vs in results], dtype=torch.bool)
+        several = len(self.args.verifiers) > 1
+        reasons = tuple("; ".join(f"{name}: {v.reason}" if several else v.reason
+                                  for name, v in zip(self.args.verifiers, vs, strict=True)) for vs in results)
+        return SampleScores(model_score, passed.reshape(len(requests)), reasons)
+
+    def _model_scores(self, requests: list[RewardRequest]) -> torch.Tensor:
+        sequences = [conversation_ids(r, self.tokenizer, i) for i, r in enumerate(requests)]
+        if self.engine is None:
+            return score_sequences(self.model, sequences, self.args.batch_tokens)
+        chunks = greedy_chunks([len(s) for s in sequences], self.args.batch_tokens)
+        calls = torch.tensor([len(chunks)])
+        torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX)  # the busiest rank's forward calls
+        scores = [score_sequences(self.model, [sequences[i] for i in chunk], self.args.batch_tokens)
+                  for chunk in chunks]
+        dummy = [[self.tokenizer.pad_token_id or 0]]
+        for _ in range(int(calls) - len(chunks)):  # keep step with the other ranks' parameter gathers
+            score_sequences(self.model, dummy, self.args.batch_tokens)
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """`parts` contiguous slices whose sizes differ by at most one (the first ones larger)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+
+
+class RewardWorkerGroup:
+    """`args.num_actors` RewardActors in a placement group (one ZeRO-3 group when args.zero3), called as one.
+    Needs a running Ray (ray.init); `close()` ends the actors and frees their CPUs."""
+
+    def __init__(self, args: RewardWorkerArgs):
+        self.args = args
+        # deepspeed reads DS_ACCELERATOR at import; the CPU accelerator is the only one wired here (no GPUs).
+        env = {"DS_ACCELERATOR": "cpu"} if args.zero3 else {}
+        self._placement_group, self.actors = start_actors(RewardActor, args.num_actors, args.num_cpus, env, args)
+        if args.zero3:
+            form_process_group(self.actors, args.collective_timeout_s)
+        ray.get([actor.load_model.remote() for actor in self.actors])
+
+    def score(self, requests: Sequence[RewardRequest]) -> ScoredBatch:
+        """Rewards of `requests`, in order: each actor scores one contiguous slice."""
+        check_requests(requests, self.args)
+        slices = split_evenly(requests, len(self.actors))
+        parts: list[SampleScores] = ray.get([a.score.remote(s) for a, s in zip(self.actors, slices, strict=True)])
+        model_score = torch.cat([p.model_score for p in parts]) if self.args.model_path else None
+        verifier_pass = torch.cat([p.verifier_pass for p in parts]) if self.args.verifiers else None
+        reward = combine_rewards(model_score, verifier_pass, self.args.model_weight, self.args.verifier_weight,
+                                 self.args.model_score_norm)
+        return ScoredBatch(reward, model_score, verifier_pass, tuple(r for p in parts for r in p.reason))
+
+    def partition_sizes(self) -> list[dict[str, tuple[int, int]]]:
+        """Per actor: parameter name -> (elements it holds, full elements); empty dicts without a model."""
+        if not self.args.model_path:
+            return [{} for _ in self.actors]
+        return ray.get([actor.partition_sizes.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self._placement_group)
+        self.actors = []
+
+    def __enter__(self) -> RewardWorkerGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
