@@ -6,6 +6,7 @@ takes minutes on 2 CPU cores, so each is built the first time a recipe needs it,
 
     $QWEN_ALIGN_CACHE (default ~/.cache/qwen-align)/tiny-base-<key>/     build_tiny + align.pretrain
     $QWEN_ALIGN_CACHE/tiny-sft-<key>/final/                              recipes/sft.py's embedded default run
+    $QWEN_ALIGN_CACHE/tiny-rm-<key>/final/                               recipes/reward_model.py's default run
 
 where <key> changes whenever what the stage is built from changes (the version constant below, the seed). A
 build happens in a temporary sibling directory that is renamed into place when complete, under a file lock, so
@@ -23,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump when the tiny model, its tasks or its pretraining change: cached stages built before are then rebuilt."""
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -46,6 +47,8 @@ def base_model_dir(seed: int = 0) -> Path:
     target = cache_dir() / f"tiny-base-v{BUILD_VERSION}-seed{seed}"
     with _locked(target):
         if not (target / "config.json").is_file():
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a build killed before it could clean up
+                shutil.rmtree(stale, ignore_errors=True)
             print(f"building the embedded default's base model into {target} (once per machine)", flush=True)
             build_base(target, seed)
     return target
@@ -84,17 +87,29 @@ def single_process_env() -> dict[str, str]:
 
 def sft_model_dir(seed: int = 0) -> Path:
     """The embedded default's SFT model (a HF directory), built if missing by running recipes/sft.py."""
-    run_dir = cache_dir() / f"tiny-sft-v{BUILD_VERSION}-seed{seed}"
+    return _recipe_output("sft", "sft.py", seed, base_model_dir)
+
+
+def reward_model_dir(seed: int = 0) -> Path:
+    """The embedded default's reward model (trained from the SFT model), built if missing."""
+    return _recipe_output("rm", "reward_model.py", seed, sft_model_dir)
+
+
+def _recipe_output(stage: str, recipe: str, seed: int, needs) -> Path:
+    """OUTPUT/final of the recipe's embedded default run, cached; `needs(seed)` builds the stage before it."""
+    run_dir = cache_dir() / f"tiny-{stage}-v{BUILD_VERSION}-seed{seed}"
     final = run_dir / "final"
+    if (final / "config.json").is_file():
+        return final
+    needs(seed)  # outside this stage's lock: the earlier stage takes its own
     with _locked(run_dir):
         if not (final / "config.json").is_file():
-            base_model_dir(seed)
-            print(f"building the embedded default's SFT model into {run_dir} (once per machine)", flush=True)
+            print(f"building the embedded default's {stage} model into {run_dir} (once per machine)", flush=True)
             staging = run_dir.with_name(f".{run_dir.name}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
-            # A child process of its own: SFT sets up accelerate, which must not leak into the caller's process.
-            subprocess.run([sys.executable, str(RECIPES / "sft.py"), "--output-dir", str(staging),
-                            "--seed", str(seed)], check=True, env=single_process_env())
+            # A child process of its own: a recipe sets up accelerate, which must not leak into the caller.
+            subprocess.run([sys.executable, str(RECIPES / recipe), "--output-dir", str(staging), "--seed", str(seed)],
+                           check=True, env=single_process_env())
             shutil.rmtree(run_dir, ignore_errors=True)
             staging.rename(run_dir)
     return final

@@ -38,8 +38,9 @@ from align.tasks import Problem, TaskDataConfig, build_splits, generate_problems
 class PretrainArgs:
     """Plain-text pretraining of the embedded default's base model."""
 
-    steps: int = 900
-    """Optimizer steps (0: no pretraining; the base is the random initialisation)."""
+    steps: int = 600
+    """Optimizer steps (0: no pretraining; the base is the random initialisation). 600 x 2,048 tokens is ~1.2
+    passes over the default corpus; measured: SFT from it beats SFT from the random init at every level."""
     micro_batch_tokens: int = 2048
     """Tokens per packed step; documents are short, so one row holds dozens of them."""
     lr: float = 1e-3

@@ -27,25 +27,22 @@ collective.
 Verifier checks run in each actor's small thread pool (they mostly wait on sandboxed child processes), started
 before the model's forward passes so the two overlap.
 
-The group setup (`start_actors`, `form_process_group`, `DistributedActor`) is generic; a later `rollout/`
-policy group of ZeRO-3 ranks can share it (then it should move to a module both import).
+The group setup (`start_actors`, `form_process_group`, `DistributedActor`) lives in align.actors, shared with
+the GRPO policy group.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
+from align.actors import DistributedActor, form_process_group, start_actors, zero3_inference_config
 from align.data import PreferencePair, parse_pair
 from align.data.pairs import tokenize_pair
 from align.tokenizer import load_tokenizer
@@ -212,67 +209,6 @@ def greedy_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
             chunks.append([index])
             tokens = length
     return chunks
-
-
-class DistributedActor:
-    """Methods an actor needs to become one rank of a torch.distributed gloo group (see form_process_group)."""
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def master_address(self) -> tuple[str, int]:
-        """This node's address and a port free on it now (for rank 0 to serve as the group's master)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-    def init_process_group(self, master_addr: str, master_port: int, rank: int, world_size: int, local_rank: int,
-                           local_world_size: int, timeout_s: float) -> None:
-        """Join the group; every rank must call it at the same time. DS_ACCELERATOR must already be in the
-        environment (the actor's runtime_env), since deepspeed reads it at import."""
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_SIZE=str(local_world_size),
-                          LOCAL_WORLD_SIZE=str(local_world_size))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=timeout_s))
-
-
-def start_actors(actor_class: type, count: int, num_cpus: float, env_vars: dict[str, str],
-                 *init_args) -> tuple[PlacementGroup, list[ray.actor.ActorHandle]]:
-    """`count` actors of `actor_class` (a plain class), one per bundle of a PACK placement group (so ranks share
-    a node when they fit), each with `num_cpus` CPUs and `env_vars` set before it imports anything."""
-    group = placement_group([{"CPU": num_cpus}] * count, strategy="PACK")
-    ray.get(group.ready())
-    remote = ray.remote(actor_class)
-    actors = [
-        remote.options(num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
-        .remote(*init_args)
-        for i in range(count)
-    ]
-    return group, actors
-
-
-def form_process_group(actors: Sequence[ray.actor.ActorHandle], timeout_s: float) -> None:
-    """Make the DistributedActor `actors` ranks 0..N-1 of one gloo group: rank 0 picks a free port on its node
-    and the others connect to it; local ranks count the ranks on the same Ray node."""
-    node_ids = ray.get([actor.node_id.remote() for actor in actors])
-    master_addr, master_port = ray.get(actors[0].master_address.remote())
-    calls = []
-    for rank, actor in enumerate(actors):
-        same_node = [r for r, node in enumerate(node_ids) if node == node_ids[rank]]
-        calls.append(actor.init_process_group.remote(master_addr, master_port, rank, len(actors),
-                                                     same_node.index(rank), len(same_node), timeout_s))
-    ray.get(calls)
-
-
-def zero3_inference_config() -> dict:
-    """DeepSpeed config for parameter partitioning without an optimizer: ZeRO-3 with no optimizer creates only
-    its parameter-offload wrapper (partitioning, gather/release hooks around each module's forward)."""
-    return {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
 class RewardActor(DistributedActor):

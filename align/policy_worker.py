@@ -1,0 +1,300 @@
+"""GRPO's policy and reference workers: Ray actors that are the ranks of one DeepSpeed ZeRO-3 group.
+
+    group = PolicyWorkerGroup(PolicyArgs(model_path="sft/final", num_actors=2), total_steps=100)
+    metrics = group.train_step(samples, loss)          # one optimizer step on all ranks
+    group.sync_weights(rollout.actors, version=1)      # gathered parameter by parameter, sent in buckets
+    group.save(directory); group.export(final_dir)
+
+Every rank holds 1/N of the policy's parameters and optimizer state (ZeRO-3), and, when the KL term is on, 1/N of
+a frozen reference model wrapped by ZeRO-3 without an optimizer (colocated with the policy, the memory-saving
+layout). The driver deals a step's samples into packed micro-batches, the same number per rank (ZeRO-3 gathers
+parameters collectively, so every rank must make the same forward/backward calls; a rank short of work runs an
+empty micro-batch with its loss multiplied by 0), and passes the step's global completion-token count, which the
+loss divides by (align.grpo): the gradient is then the same however the samples are split across ranks.
+
+One policy update per rollout batch: the completions were sampled by the current weights (synced after every
+update), so the "old" log-probs of the ratio are this forward pass's own, detached. The ratio is then exactly 1
+and the clip inactive, as in TRL's GRPOTrainer with num_iterations=1. vLLM's log-probs of the same tokens come
+along to measure the policy/vLLM gap: a sync that silently did nothing shows up there at once.
+
+GPUs: the same code with NCCL instead of gloo and DS_ACCELERATOR unset; not run on the project's CPU machines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from ray.util.placement_group import remove_placement_group
+
+from align.actors import DistributedActor, form_process_group, start_actors, zero3_inference_config
+from align.data import TokenizedChat, collate, plan_micro_batches, plan_steps
+from align.grpo import GRPO_AGGREGATIONS
+from align.model import load_pretrained, save_state_dict
+
+
+@dataclass(frozen=True)
+class PolicyArgs:
+    """The policy (and reference) workers: model, optimizer, resources."""
+
+    model_path: str = ""
+    """Policy start (HF directory); the reference model is the same checkpoint, frozen."""
+    num_actors: int = 1
+    """Ranks of the ZeRO-3 group."""
+    num_cpus: float = 1.0
+    """Ray CPUs per rank."""
+    torch_threads: int = 1
+    """torch threads per rank."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on matrices."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (prompt + completion tokens)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of the group's collectives (a hung rank fails the step instead of hanging the run)."""
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """GRPO objective (align.grpo)."""
+
+    aggregation: str = "token"
+    """"token": mean over all completion tokens of the step (DAPO); "sequence": per-sequence mean (DeepSeekMath)."""
+    epsilon_low: float = 0.2
+    """Lower clip of the importance ratio."""
+    epsilon_high: float = 0.28
+    """Upper clip (DAPO's clip-higher; equal to epsilon_low for the paper's symmetric clip)."""
+    kl_beta: float = 0.0
+    """Coefficient of the k3 KL to the reference (0: no reference model is held)."""
+
+    def __post_init__(self):
+        if self.aggregation not in GRPO_AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}: expected one of {sorted(GRPO_AGGREGATIONS)}")
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One completion with its prompt, ready for the policy loss."""
+
+    token_ids: list[int]
+    """Prompt + completion tokens."""
+    completion_start: int
+    """Index in token_ids of the first completion token."""
+    advantage: float
+    """Group-normalised advantage (align.grpo.group_advantages)."""
+    rollout_logprobs: list[float] = field(default_factory=list)
+    """vLLM's log-probs of the completion tokens (for the policy/vLLM gap metric)."""
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.completion_start
+
+
+def zero3_training_config(max_grad_norm: float) -> dict:
+    """ZeRO-3 with a client optimizer; the step boundary is set per call (see PolicyActor.train_step)."""
+    return {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "gradient_clipping": max_grad_norm, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def completion_view(flat: torch.Tensor, samples: Sequence[TrainSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-completion-token values [N, L] (L the longest completion) and mask [N, L], from a packed row [S] whose
+    position t scores token t + 1 of the same sequence (so completion token k is read at position k - 1)."""
+    longest = max(s.num_completion_tokens for s in samples)
+    index = torch.zeros(len(samples), longest, dtype=torch.long)  # [N, L]
+    mask = torch.zeros(len(samples), longest, dtype=torch.bool)  # [N, L]
+    offset = 0
+    for i, sample in enumerate(samples):
+        n = sample.num_completion_tokens
+        index[i, :n] = torch.arange(offset + sample.completion_start - 1, offset + len(sample.token_ids) - 1)
+        mask[i, :n] = True
+        offset += len(sample.token_ids)
+    index, mask = index.to(flat.device), mask.to(flat.device)
+    return flat[index] * mask, mask  # [N, L]
+
+
+class PolicyActor(DistributedActor):
+    """One rank of the policy group (a Ray actor through PolicyWorkerGroup)."""
+
+    def __init__(self, args: PolicyArgs, loss: LossArgs, total_steps: int):
+        torch.set_num_threads(args.torch_threads)
+        self.args, self.loss_args, self.total_steps = args, loss, total_steps
+        self.engine = self.reference = None
+
+    def setup(self) -> None:
+        """Build the ZeRO-3 engines; every rank at once, after init_process_group."""
+        import deepspeed
+        from transformers import get_constant_schedule_with_warmup
+
+        from align.run import param_groups
+
+        model = load_pretrained(self.args.model_path)
+        model.gradient_checkpointing_enable(self.args.gradient_checkpointing)
+        self.config = model.config
+        optimizer = torch.optim.AdamW(param_groups(model, self.args.weight_decay), lr=self.args.lr,
+                                      betas=self.args.betas)
+        self.schedule = get_constant_schedule_with_warmup(optimizer, self.args.warmup_steps)
+        self.engine, self.optimizer, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=zero3_training_config(self.args.max_grad_norm))
+        if self.loss_args.kl_beta:
+            reference = load_pretrained(self.args.model_path).eval().requires_grad_(False)
+            self.reference, *_ = deepspeed.initialize(model=reference, config=zero3_inference_config())
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def train_step(self, micro_batches: list[list[TrainSample]], num_tokens: int, num_sequences: int
+                   ) -> dict[str, float]:
+        """Forward/backward over this rank's micro-batches, then one optimizer step. Returns metric sums."""
+        loss_fn = GRPO_AGGREGATIONS[self.loss_args.aggregation]
+        normaliser = num_tokens if self.loss_args.aggregation == "token" else num_sequences
+        sums: dict[str, float] = {"gap_abs_sum": 0.0, "gap_tokens": 0.0, "entropy_sum": 0.0, "ratio_min": math.inf,
+                                  "ratio_max": -math.inf}
+        self.engine.train()
+        for k, samples in enumerate(micro_batches):
+            work = samples or [TrainSample([0, 0], 1, 0.0)]  # an empty micro-batch still joins the collectives
+            batch = collate([TokenizedChat(s.token_ids, [True] * len(s.token_ids)) for s in work])
+            layout = batch.layout()
+            scored = self.engine(batch.input_ids, layout=layout, target_ids=batch.target_ids, with_entropy=True)
+            logprobs, mask = completion_view(scored.logprobs[0], work)  # [N, L]
+            ref_logprobs = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_flat = self.reference(batch.input_ids, layout=layout, target_ids=batch.target_ids).logprobs
+                ref_logprobs, _ = completion_view(ref_flat[0], work)  # [N, L]
+            advantages = torch.tensor([s.advantage for s in work])  # [N]
+            loss, parts = loss_fn(logprobs, logprobs.detach(), ref_logprobs, advantages, mask, normaliser,
+                                  self.loss_args.epsilon_low, self.loss_args.epsilon_high, self.loss_args.kl_beta)
+            if not samples:
+                loss = loss * 0.0
+            self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
+            # DeepSpeed averages gradients over ranks; the loss is already this rank's share of the global sum.
+            self.engine.backward(loss * self.world_size)
+            if not samples:
+                continue
+            entropy, _ = completion_view(scored.entropy[0].detach(), work)
+            sums["entropy_sum"] += float(entropy.sum())
+            for i, s in enumerate(work):
+                if s.rollout_logprobs:
+                    n = len(s.rollout_logprobs)
+                    gap = logprobs[i, :n].detach() - torch.tensor(s.rollout_logprobs)
+                    sums["gap_abs_sum"] += float(gap.abs().sum())
+                    sums["gap_tokens"] += n
+            for key, value in parts.items():
+                if key == "ratio_min":
+                    sums[key] = min(sums[key], float(value))
+                elif key == "ratio_max":
+                    sums[key] = max(sums[key], float(value))
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        self.engine.step()
+        self.schedule.step()
+        norm = self.engine.get_global_grad_norm()
+        sums["grad_norm"] = float(norm) if norm is not None else float("nan")
+        sums["lr"] = self.schedule.get_last_lr()[0]
+        return sums
+
+    def sync_weights(self, rollout_actors: list, version: int, max_bucket_bytes: int, dtype: str) -> dict:
+        """Gather parameter by parameter (a collective: every rank calls this) and, on rank 0, send buckets to
+        every rollout actor."""
+        import deepspeed
+
+        from rollout.weight_sync import RayObjectStoreTransport, sync_weights
+
+        send = self.rank == 0
+        stats = sync_weights(self.engine.module.named_parameters(),
+                             RayObjectStoreTransport(rollout_actors) if send else None, version, max_bucket_bytes,
+                             gather=lambda p: deepspeed.zero.GatheredParameters([p]), dtype=getattr(torch, dtype),
+                             send=send)
+        return {"seconds": stats.seconds, "bytes": stats.total_bytes} if send else {}
+
+    def save(self, directory: str) -> None:
+        """This rank's shards of the model, optimizer and schedule (DeepSpeed's checkpoint layout)."""
+        self.engine.save_checkpoint(directory, tag="state", client_state={"schedule": self.schedule.state_dict()})
+
+    def load(self, directory: str) -> None:
+        _, client = self.engine.load_checkpoint(directory, tag="state")
+        self.schedule.load_state_dict(client["schedule"])
+
+    def export(self, directory: str) -> None:
+        """Gather the full weights one parameter at a time and write a HF directory (rank 0)."""
+        import deepspeed
+
+        state = {}
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if self.rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        if self.rank == 0:
+            save_state_dict(self.config, state, Path(directory))
+
+
+class PolicyWorkerGroup:
+    """`args.num_actors` PolicyActors forming one ZeRO-3 group, called as one. Needs a running Ray."""
+
+    def __init__(self, args: PolicyArgs, loss: LossArgs, total_steps: int):
+        self.args = args
+        env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.torch_threads)}
+        self._placement_group, self.actors = start_actors(PolicyActor, args.num_actors, args.num_cpus, env, args,
+                                                          loss, total_steps)
+        form_process_group(self.actors, args.collective_timeout_s)
+        ray.get([actor.setup.remote() for actor in self.actors])
+
+    def plan(self, samples: Sequence[TrainSample], seed: int) -> list[list[list[TrainSample]]]:
+        """Per rank, its micro-batches: packed up to micro_batch_tokens, the same count on every rank."""
+        micro = plan_micro_batches([len(s.token_ids) for s in samples], self.args.micro_batch_tokens, seed=seed)
+        world = len(self.actors)
+        (step,) = plan_steps(micro, world, grad_accum=-(-len(micro) // world),
+                             target_tokens=[s.num_completion_tokens for s in samples])
+        return [[[samples[i] for i in mb] for mb in step.for_rank(rank)] for rank in range(world)]
+
+    def train_step(self, samples: Sequence[TrainSample], seed: int = 0) -> dict[str, float]:
+        """One optimizer step on `samples`; metric sums over ranks (ratio_min/max combined by min/max)."""
+        num_tokens = sum(s.num_completion_tokens for s in samples)
+        per_rank = self.plan(samples, seed)
+        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples))
+                           for actor, mbs in zip(self.actors, per_rank, strict=True)])
+        total: dict[str, float] = {}
+        for result in results:
+            for key, value in result.items():
+                if key == "ratio_min":
+                    total[key] = min(total.get(key, math.inf), value)
+                elif key == "ratio_max":
+                    total[key] = max(total.get(key, -math.inf), value)
+                elif key in ("grad_norm", "lr"):
+                    total[key] = value  # the same on every rank
+                else:
+                    total[key] = total.get(key, 0.0) + value
+        return total
+
+    def sync_weights(self, rollout_actors: list, version: int, max_bucket_bytes: int = 64 * 2**20,
+                     dtype: str = "float32") -> dict:
+        results = ray.get([a.sync_weights.remote(rollout_actors, version, max_bucket_bytes, dtype)
+                           for a in self.actors])
+        return results[0]
+
+    def save(self, directory: str | Path) -> None:
+        ray.get([actor.save.remote(str(directory)) for actor in self.actors])
+
+    def load(self, directory: str | Path) -> None:
+        ray.get([actor.load.remote(str(directory)) for actor in self.actors])
+
+    def export(self, directory: str | Path) -> None:
+        ray.get([actor.export.remote(str(directory)) for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self._placement_group)
+        self.actors = []

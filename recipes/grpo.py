@@ -1,0 +1,279 @@
+"""Online RL with GRPO on Ray, stage 3 of Qwen2.5 post-training.
+
+    python recipes/grpo.py                                  # starts a local Ray; embedded default
+    ray start --head --dashboard-host 127.0.0.1
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python recipes/grpo.py
+    python recipes/grpo.py --config recipes/configs/grpo/qwen2.5-7b.yaml --policy-model-path SFT --data-prompts-path P
+
+Roles, each a group of Ray actors with the resources the config gives it: vLLM rollout workers sample
+`rollout.n` (8) completions per query; the reward workers score them with the verifiers and/or a reward model;
+the policy workers, one DeepSpeed ZeRO-3 group, hold the policy and (with a KL term) the frozen reference, and
+train on the group-normalised advantages (align.grpo); after every update the weights go to the rollout workers
+in bounded buckets (rollout.weight_sync). Queries are picked by the variance of their rewards, highest first
+(rollout.scheduler), as the report orders them.
+
+With no arguments: the embedded default's SFT model (built once per machine if missing), its RL prompts, the
+task verifiers plus the default reward model, and held-out accuracy before and after.
+
+Output directory: `checkpoint-*/` (policy shards, optimizer, scheduler state, step; --resume), `final/` (a HF
+directory), `metrics.jsonl`, `tensorboard/`, `curves.png`, `config.yaml`, `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
+from align.config import config_to_dict, parse_config, save_config
+from align.defaults import base_model_dir, reward_model_dir, sft_model_dir
+from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
+from align.grpo import group_advantages
+from align.metrics import MetricsLogger, plot_curves
+from align.model import copy_tokenizer_files
+from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSample
+from align.run import refuse_other_runs
+from align.tokenizer import load_tokenizer
+from reward.worker import RewardRequest, RewardWorkerArgs, RewardWorkerGroup
+from rollout.scheduler import QueryScheduler, SchedulerConfig
+from rollout.vllm_worker import RolloutSampling, RolloutWorkerArgs, RolloutWorkerGroup
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    prompts_path: str = ""
+    """RL prompt rows (align.tasks format: `prompt` messages plus what the verifiers need). Empty: the default's."""
+    eval_path: str = ""
+    """Held-out rows for accuracy before and after. Empty: the default's data/eval.jsonl; 'none': skip."""
+    eval_per_level: int = 25
+    """Eval problems per task family and difficulty."""
+
+
+@dataclass(frozen=True)
+class RolloutArgs:
+    num_actors: int = 1
+    """vLLM rollout actors; a step's queries are split across them."""
+    num_cpus: float = 0.5
+    """Ray CPUs per rollout actor."""
+    torch_threads: int = 2
+    """torch threads per rollout actor."""
+    n: int = 8
+    """Completions per query (the GRPO group; Qwen2.5 samples 8)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_tokens: int = 256
+    """Longest completion."""
+    max_model_len: int = 1024
+    """Longest prompt + completion the engines accept."""
+    dtype: str = "float32"
+    """Engine dtype: float32 on the CPU, bfloat16 on GPUs."""
+    sync_bucket_mb: int = 64
+    """Largest weight-sync bucket."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO on Ray with vLLM rollouts and a DeepSpeed ZeRO-3 policy."""
+
+    output_dir: str = "outputs/grpo"
+    """Run directory: checkpoints, final model, metrics, plots."""
+    resume: bool = False
+    """Continue the run in OUTPUT_DIR from its latest checkpoint."""
+    seed: int = 0
+    """Seed of sampling, packing and the embedded default."""
+    steps: int = 40
+    """Optimizer steps (one rollout batch each)."""
+    queries_per_step: int = 16
+    """Queries per rollout batch (samples per step = queries x rollout.n)."""
+    save_every: int = 10
+    """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    ray_address: str = ""
+    """Ray cluster to join; empty: RAY_ADDRESS if set (ray job submit sets it), else a local Ray."""
+    default_reward_model: bool = True
+    """With reward.model_path empty: also score with the embedded default's reward model."""
+    data: DataArgs = field(default_factory=DataArgs)
+    policy: PolicyArgs = field(default_factory=lambda: PolicyArgs(lr=2e-5, micro_batch_tokens=4096))
+    loss: LossArgs = field(default_factory=LossArgs)
+    rollout: RolloutArgs = field(default_factory=RolloutArgs)
+    reward: RewardWorkerArgs = field(default_factory=lambda: RewardWorkerArgs(
+        verifiers=("task",), model_weight=0.2, model_score_norm="batch", num_cpus=0.5))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def main(cfg: GRPOConfig) -> None:
+    out = Path(cfg.output_dir)
+    refuse_other_runs(out, cfg.resume)
+
+    # --- models and data ------------------------------------------------------------------------------------
+    policy_path = cfg.policy.model_path or str(sft_model_dir(cfg.seed))
+    def default_data(name: str) -> Path:
+        return base_model_dir(cfg.seed) / "data" / name
+
+    prompts_path = Path(cfg.data.prompts_path) if cfg.data.prompts_path else default_data("prompts.jsonl")
+    eval_path = None if cfg.data.eval_path == "none" else (
+        Path(cfg.data.eval_path) if cfg.data.eval_path else default_data("eval.jsonl"))
+    reward_args = cfg.reward
+    if not reward_args.model_path and cfg.default_reward_model:
+        reward_args = replace(reward_args, model_path=str(reward_model_dir(cfg.seed)))
+    rows = [json.loads(line) for line in prompts_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{prompts_path}: no prompt rows")
+    tokenizer = load_tokenizer(policy_path)
+    prompt_ids = [tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True) for r in rows]
+    prompt_ids = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompt_ids]
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    save_config(cfg, out / "config.yaml")
+    eval_rows = read_eval_rows(eval_path, cfg.data.eval_per_level) if eval_path else []
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    before = evaluate_checkpoint(policy_path, eval_rows) if eval_rows and resume_from is None else None
+
+    # --- workers --------------------------------------------------------------------------------------------
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a local Ray for this run only: no dashboard (that is for clusters and `ray job submit`)
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
+    rollout = RolloutWorkerGroup(RolloutWorkerArgs(
+        model_path=policy_path, num_actors=cfg.rollout.num_actors, num_cpus=cfg.rollout.num_cpus,
+        torch_threads=cfg.rollout.torch_threads, dtype=cfg.rollout.dtype, max_model_len=cfg.rollout.max_model_len,
+        seed=cfg.seed))
+    rewarder = RewardWorkerGroup(reward_args)
+    policy = PolicyWorkerGroup(replace(cfg.policy, model_path=policy_path), cfg.loss, cfg.steps)
+    scheduler = QueryScheduler(len(rows), cfg.scheduler)
+
+    start_step = 0
+    if resume_from is not None:
+        policy.load(resume_from / "policy")
+        state = read_state(resume_from)
+        start_step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        policy.sync_weights(rollout.actors, start_step, cfg.rollout.sync_bucket_mb * 2**20, cfg.rollout.dtype)
+        print(f"resumed from {resume_from} at step {start_step}/{cfg.steps}")
+    logger = MetricsLogger(out, resume_step=start_step)
+
+    # --- loop -----------------------------------------------------------------------------------------------
+    progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step")
+    for step in range(start_step, cfg.steps):
+        tally = dict.fromkeys(("seconds_rollout", "seconds_reward", "samples", "passed", "reward_sum",
+                               "completion_tokens"), 0.0)  # over every group rolled out, dropped ones included
+        sampling = RolloutSampling(n=cfg.rollout.n, temperature=cfg.rollout.temperature,
+                                   max_tokens=cfg.rollout.max_tokens, seed=cfg.seed * 1_000_003 + step)
+
+        scheduled = scheduler.collect(cfg.queries_per_step, partial(
+            roll_out_and_score, rollout=rollout, rewarder=rewarder, prompt_ids=prompt_ids, rows=rows,
+            sampling=sampling, version=step, tally=tally))
+        samples = []
+        for (batch, k), rewards in zip(scheduled.payloads, scheduled.rewards, strict=True):
+            advantages = group_advantages(rewards, cfg.rollout.n)
+            for j in range(cfg.rollout.n):
+                index = k * cfg.rollout.n + j
+                prompt, completion = batch.prompt_token_ids[k], batch.completion_token_ids[index]
+                samples.append(TrainSample(prompt + completion, len(prompt), float(advantages[j]),
+                                           batch.logprobs[index]))
+
+        tic = time.perf_counter()
+        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step) if samples else {}
+        seconds_train = time.perf_counter() - tic
+        tic = time.perf_counter()
+        policy.sync_weights(rollout.actors, step + 1, cfg.rollout.sync_bucket_mb * 2**20, cfg.rollout.dtype)
+        seconds_sync = time.perf_counter() - tic
+
+        kept_rewards = scheduled.rewards.flatten()
+        tokens = parts.get("tokens", 0.0)
+        record = {
+            "reward_mean": tally["reward_sum"] / tally["samples"],
+            "reward_std_kept": float(kept_rewards.std()) if kept_rewards.numel() > 1 else float("nan"),
+            "accuracy": tally["passed"] / tally["samples"],
+            "zero_variance_fraction": scheduled.num_zero_variance / max(scheduled.num_rollouts, 1),
+            "trained_samples": len(samples),
+            "response_length": tally["completion_tokens"] / tally["samples"],
+            "kl": parts.get("kl_sum", float("nan")) / max(tokens, 1.0),
+            "entropy": parts.get("entropy_sum", float("nan")) / max(tokens, 1.0),
+            "clip_fraction": parts.get("clipped_sum", float("nan")) / max(tokens, 1.0),
+            "logprob_gap": parts.get("gap_abs_sum", float("nan")) / max(parts.get("gap_tokens", 0.0), 1.0),
+            "grad_norm": parts.get("grad_norm", float("nan")),
+            "lr": parts.get("lr", float("nan")),
+            "tokens_per_s": tally["completion_tokens"] / max(tally["seconds_rollout"], 1e-9),  # generated, per s
+            "seconds_rollout": tally["seconds_rollout"],
+            "seconds_reward": tally["seconds_reward"],
+            "seconds_train": seconds_train,
+            "seconds_sync": seconds_sync,
+        }
+        logger.log(step + 1, record)
+        progress.update(1)
+        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
+                             zero_var=f"{record['zero_variance_fraction']:.2f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            save_checkpoint(policy, scheduler, out, step + 1, cfg)
+    progress.close()
+
+    # --- export and evaluate --------------------------------------------------------------------------------
+    final_dir = out / "final"
+    policy.export(final_dir)
+    copy_tokenizer_files(policy_path, final_dir)
+    logger.close()
+    plot_curves(out / "metrics.jsonl", out / "curves.png",
+                ("reward_mean", "accuracy", "zero_variance_fraction", "kl", "entropy", "logprob_gap"),
+                title=f"GRPO: {cfg.output_dir}")
+    for group in (rollout, rewarder, policy):
+        group.close()
+    print(f"exported {final_dir}")
+    if eval_rows:
+        after = evaluate_checkpoint(final_dir, eval_rows)
+        reports = {"before (SFT)": before, "after GRPO": after} if before else {"after GRPO": after}
+        print("\nheld-out accuracy (greedy):\n" + format_accuracy_table(reports))
+        (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
+
+
+def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, rewarder: RewardWorkerGroup,
+                       prompt_ids: list[list[int]], rows: list[dict], sampling: RolloutSampling, version: int,
+                       tally: dict[str, float]):
+    """The scheduler's rollout callback: sample `sampling.n` completions per query and score them, adding times
+    and counts to `tally`. Returns one payload per query, (batch, k) with its group at completions
+    k*n .. k*n+n-1, and the rewards [Q, n]."""
+    tic = time.perf_counter()
+    batch = rollout.generate([prompt_ids[q] for q in query_ids], sampling, policy_version=version)
+    tally["seconds_rollout"] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    requests = [RewardRequest(prompt=rows[q]["prompt"], response=batch.text[k], task=rows[q])
+                for k, q in enumerate(q for q in query_ids for _ in range(sampling.n))]
+    scored = rewarder.score(requests)
+    tally["seconds_reward"] += time.perf_counter() - tic
+    tally["samples"] += len(requests)
+    tally["reward_sum"] += float(scored.reward.sum())
+    tally["completion_tokens"] += sum(len(c) for c in batch.completion_token_ids)
+    if scored.verifier_pass is not None:
+        tally["passed"] += float(scored.verifier_pass.float().sum())
+    return [(batch, k) for k in range(len(query_ids))], scored.reward.view(len(query_ids), sampling.n)
+
+
+def save_checkpoint(policy: PolicyWorkerGroup, scheduler: QueryScheduler, out: Path, step: int,
+                    cfg: GRPOConfig) -> None:
+    """Policy shards (every rank) and the scheduler's priorities, published atomically (align.checkpoint)."""
+    staging = staging_dir(out, step)
+    staging.mkdir(parents=True, exist_ok=True)
+    policy.save(staging / "policy")
+    save_config(cfg, staging / "config.yaml")
+    publish_checkpoint(out, step, {"step": step, "scheduler": scheduler.state_dict(),
+                                   "config": config_to_dict(cfg)}, cfg.keep_last)
+
+
+if __name__ == "__main__":
+    config = parse_config(GRPOConfig, description=__doc__)
+    torch.manual_seed(config.seed)
+    try:
+        main(config)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        sys.exit(f"error: {error}")
