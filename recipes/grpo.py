@@ -143,8 +143,11 @@ def main(cfg: GRPOConfig) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:  # a local Ray for this run only: no dashboard (that is for clusters and `ray job submit`)
-        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
+    else:
+        try:
+            ray.init(address="auto")  # a cluster `ray start` started on this machine
+        except ConnectionError:  # none: a local Ray for this run only, without the dashboard clusters use
+            ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
     rollout = RolloutWorkerGroup(RolloutWorkerArgs(
         model_path=policy_path, num_actors=cfg.rollout.num_actors, num_cpus=cfg.rollout.num_cpus,
         torch_threads=cfg.rollout.torch_threads, dtype=cfg.rollout.dtype, max_model_len=cfg.rollout.max_model_len,
