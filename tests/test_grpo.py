@@ -3,6 +3,7 @@ that syncs weights every step, resume, and the same recipe submitted as a Ray jo
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_ray_job_submit_on_a_loopback_head(tiny_dir, tmp_path):
                   "--no-wait", "--", "python", "recipes/grpo.py", *grpo_args(tiny_dir, out, "--steps", "1")]
         proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        job_id = next(w for w in proc.stdout.split() if w.startswith("raysubmit_")).strip("'")
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout).group(0)  # the CLI colours its output
         deadline, status = time.time() + 900, ""
         while time.time() < deadline:
             status = subprocess.run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8265", job_id],
