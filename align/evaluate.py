@@ -1,6 +1,7 @@
 """Held-out accuracy per task family and difficulty, with greedy decoding by vLLM and the rule-based verifiers.
 
-    report = evaluate_checkpoint(model_dir, eval_file)
+    report = evaluate_checkpoint(model_dir, eval_rows)
+    reports = evaluate_checkpoints({"SFT": sft_dir, "DPO": dpo_dir}, eval_rows)   # one vLLM child for both
     print(format_accuracy_table({"before": before, "after": report}))
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from align.tokenizer import load_tokenizer
 from reward.verifiers import check_task
-from rollout.offline import SamplingSpec, generate
+from rollout.offline import SamplingSpec, generate_many
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,23 @@ def read_eval_rows(eval_file: str | Path, per_level: int | None = None) -> list[
 
 def evaluate_checkpoint(model_dir: str | Path, eval_rows: list[dict], max_new_tokens: int = 256) -> EvalReport:
     """Greedy-decode every eval prompt with vLLM and check the answers."""
-    tokenizer = load_tokenizer(model_dir)
-    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-               for r in eval_rows]
-    completions = generate(model_dir, prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
-    responses = [c[0].text for c in completions]
+    return evaluate_checkpoints({"model": model_dir}, eval_rows, max_new_tokens)["model"]
+
+
+def evaluate_checkpoints(model_dirs: dict[str, str | Path], eval_rows: list[dict],
+                         max_new_tokens: int = 256) -> dict[str, EvalReport]:
+    """`evaluate_checkpoint` for several models by name, generated in one vLLM child process."""
+    jobs = []
+    for model_dir in model_dirs.values():
+        tokenizer = load_tokenizer(model_dir)
+        jobs.append((model_dir, [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                                 for r in eval_rows]))
+    completions = generate_many(jobs, SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens))
+    return {name: _score(eval_rows, [c[0].text for c in per_model])
+            for name, per_model in zip(model_dirs, completions, strict=True)}
+
+
+def _score(eval_rows: list[dict], responses: list[str]) -> EvalReport:
     with ThreadPoolExecutor(max_workers=2) as pool:  # code checks wait on child processes
         verdicts = list(pool.map(check_task, eval_rows, responses))
     correct: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
