@@ -75,6 +75,7 @@ from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eval_rows
 from align.metrics import MetricsLogger, plot_curves, read_metrics
 from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
+from align.model.io import safetensors_files
 from align.optimizers import OMOArgs, OnlineMergingAdamW, attach_task_vectors, attach_task_vectors_zero3
 from align.rejection import eval_reference_rows
 from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
@@ -328,7 +329,7 @@ def train(cfg: DPOConfig) -> Path:
     logger = MetricsLogger(out, resume_step=start_step) if engine.is_main else None
 
     # --- train --------------------------------------------------------------------------------------------
-    loss_fn, loss_args = DPO_LOSSES[cfg.loss.type], LOSS_ARGS[cfg.loss.type](cfg.loss)
+    loss_fn = DPO_LOSSES[cfg.loss.type]
     sums = ("loss_sum", "chosen_rewards_sum", "rejected_rewards_sum", "reward_correct", "reward_margin_sum",
             "pairs", "chosen_logp_sum", "tokens")
     window = dict.fromkeys((*sums, "seconds", "grad_norm", "steps"), 0.0)
@@ -356,7 +357,7 @@ def train(cfg: DPOConfig) -> Path:
             loss, parts = loss_fn(policy[0::2].float(), policy[1::2].float(),
                                   None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
                                   plan.global_target_tokens, beta=cfg.loss.beta,
-                                  **loss_args(lengths[0::2], lengths[1::2]))
+                                  **loss_kwargs(cfg.loss, lengths[0::2], lengths[1::2]))
             if not pair_ids:
                 loss = loss * 0.0
             engine.backward(loss, last_in_step=slot_index == len(slots) - 1)
@@ -412,14 +413,14 @@ def train(cfg: DPOConfig) -> Path:
     return final_dir
 
 
-LOSS_ARGS = {
-    "sigmoid": lambda args: lambda chosen_lengths, rejected_lengths: {},
-    "ipo": lambda args: lambda chosen_lengths, rejected_lengths: (
-        {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths} if args.ipo_length_normalize else {}),
-    "conservative": lambda args: lambda chosen_lengths, rejected_lengths: {"label_smoothing": args.label_smoothing},
-    "robust": lambda args: lambda chosen_lengths, rejected_lengths: {"label_smoothing": args.label_smoothing},
-}
-"""Per loss variant: the keyword arguments beyond the shared ones, from LossArgs and the answers' token counts."""
+def loss_kwargs(args: LossArgs, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor) -> dict:
+    """The keyword arguments of DPO_LOSSES[args.type] beyond the shared ones, from LossArgs and the answers' token
+    counts."""
+    if args.type == "ipo" and args.ipo_length_normalize:
+        return {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+    if args.type in ("conservative", "robust"):
+        return {"label_smoothing": args.label_smoothing}
+    return {}
 
 
 def tokenize_answer(prompt: list[dict], answer: list[dict], tokenizer) -> TokenizedChat:
@@ -546,14 +547,11 @@ class TaskVectors(Mapping):
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
     """Which safetensors file of a model directory holds each tensor."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    files = {}
+    for file in safetensors_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
 
 
 # --- the embedded default: pairs, three optimizers, evaluation -----------------------------------------------------

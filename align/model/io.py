@@ -71,8 +71,8 @@ def read_config(path: str | Path, dtype: torch.dtype | str | None = None) -> Qwe
     return config
 
 
-def read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's safetensors weights (single file or sharded with an index)."""
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: its single file, or every shard its index lists."""
     index_file = path / INDEX_FILE
     if index_file.is_file():
         try:
@@ -84,10 +84,16 @@ def read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.
         files = [path / SINGLE_FILE]
     else:
         raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
-    state = {}
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
+    return files
+
+
+def read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors weights (single file or sharded with an index)."""
+    state = {}
+    for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt", device=str(device)) as reader:
                 for name in reader.keys():
