@@ -8,7 +8,7 @@ takes minutes on 2 CPU cores, so each is built the first time a recipe needs it,
     $QWEN_ALIGN_CACHE/tiny-sft-<key>/final/                              recipes/sft.py's embedded default run
     $QWEN_ALIGN_CACHE/tiny-rm-<key>/final/                               recipes/reward_model.py's default run
 
-where <key> changes whenever what the stage is built from changes (the version constant below, the seed). A
+where <key> changes whenever what the stage or a stage before it is built from changes (STAGE_VERSIONS, the seed). A
 build happens in a temporary sibling directory that is renamed into place when complete, under a file lock, so
 an interrupted build leaves nothing half-made and two processes never build the same stage at once.
 """
@@ -24,8 +24,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-BUILD_VERSION = 2
-"""Bump when the tiny model, its tasks or its pretraining change: cached stages built before are then rebuilt."""
+STAGE_VERSIONS = {"base": 3, "sft": 3, "rm": 3}
+"""Bump a stage's number when what builds it changes (base: the tiny model, its tasks, its pretraining; sft, rm:
+their recipe's defaults). That stage and every later one are then rebuilt; earlier ones stay cached."""
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -42,9 +43,17 @@ def _locked(path: Path):
         yield
 
 
+def stage_name(stage: str, seed: int) -> str:
+    """`tiny-sft-v2.3-seed0`: the versions of this stage and of every stage before it, so a rebuilt base is never
+    paired with an SFT model trained from the old one."""
+    stages = list(STAGE_VERSIONS)
+    versions = ".".join(str(STAGE_VERSIONS[s]) for s in stages[: stages.index(stage) + 1])
+    return f"tiny-{stage}-v{versions}-seed{seed}"
+
+
 def base_model_dir(seed: int = 0) -> Path:
     """The pretrained tiny base model (with its tokenizer and task data in data/), built if missing."""
-    target = cache_dir() / f"tiny-base-v{BUILD_VERSION}-seed{seed}"
+    target = cache_dir() / stage_name("base", seed)
     with _locked(target):
         if not (target / "config.json").is_file():
             for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a build killed before it could clean up
@@ -97,7 +106,7 @@ def reward_model_dir(seed: int = 0) -> Path:
 
 def _recipe_output(stage: str, recipe: str, seed: int, needs) -> Path:
     """OUTPUT/final of the recipe's embedded default run, cached; `needs(seed)` builds the stage before it."""
-    run_dir = cache_dir() / f"tiny-{stage}-v{BUILD_VERSION}-seed{seed}"
+    run_dir = cache_dir() / stage_name(stage, seed)
     final = run_dir / "final"
     if (final / "config.json").is_file():
         return final

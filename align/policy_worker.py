@@ -139,13 +139,12 @@ class PolicyActor(DistributedActor):
         import deepspeed
         from transformers import get_constant_schedule_with_warmup
 
-        from align.run import param_groups
+        from align.run import adamw
 
         model = load_pretrained(self.args.model_path)
         model.gradient_checkpointing_enable(self.args.gradient_checkpointing)
         self.config = model.config
-        optimizer = torch.optim.AdamW(param_groups(model, self.args.weight_decay), lr=self.args.lr,
-                                      betas=self.args.betas)
+        optimizer = adamw(model, self.args.lr, self.args.weight_decay, self.args.betas)
         self.schedule = get_constant_schedule_with_warmup(optimizer, self.args.warmup_steps)
         self.engine, self.optimizer, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=zero3_training_config(self.args.max_grad_norm))
@@ -154,9 +153,11 @@ class PolicyActor(DistributedActor):
             self.reference, *_ = deepspeed.initialize(model=reference, config=zero3_inference_config())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def train_step(self, micro_batches: list[list[TrainSample]], num_tokens: int, num_sequences: int
-                   ) -> dict[str, float]:
-        """Forward/backward over this rank's micro-batches, then one optimizer step. Returns metric sums."""
+    def train_step(self, micro_batches: list[list[TrainSample]], num_tokens: int, num_sequences: int,
+                   poison: bool = False) -> dict[str, float]:
+        """Forward/backward over this rank's micro-batches, then one optimizer step. Returns metric sums, with
+        `skipped` 1.0 when a non-finite gradient norm made DeepSpeed drop the step (weights, optimizer moments and
+        the LR schedule are then untouched). `poison` makes the loss NaN (fault injection for tests)."""
         loss_fn = GRPO_AGGREGATIONS[self.loss_args.aggregation]
         normaliser = num_tokens if self.loss_args.aggregation == "token" else num_sequences
         sums: dict[str, float] = {"gap_abs_sum": 0.0, "gap_tokens": 0.0, "entropy_sum": 0.0, "ratio_min": math.inf,
@@ -178,6 +179,8 @@ class PolicyActor(DistributedActor):
                                   self.loss_args.epsilon_low, self.loss_args.epsilon_high, self.loss_args.kl_beta)
             if not samples:
                 loss = loss * 0.0
+            if poison:
+                loss = loss * float("nan")
             self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
             # DeepSpeed averages gradients over ranks; the loss is already this rank's share of the global sum.
             self.engine.backward(loss * self.world_size)
@@ -198,10 +201,16 @@ class PolicyActor(DistributedActor):
                     sums[key] = max(sums[key], float(value))
                 else:
                     sums[key] = sums.get(key, 0.0) + float(value)
+        # DeepSpeed 0.19's ZeRO-3 drops a step whose global gradient norm is NaN or infinite, in float32 too
+        # (stage3.step: is_invalid_grad_norm -> overflow clean-up): the gradients are cleared, nothing updated.
         self.engine.step()
-        self.schedule.step()
         norm = self.engine.get_global_grad_norm()
-        sums["grad_norm"] = float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            self.schedule.step()
+        sums["grad_norm"] = norm
+        sums["skipped"] = float(skipped)
         sums["lr"] = self.schedule.get_last_lr()[0]
         return sums
 
@@ -259,11 +268,12 @@ class PolicyWorkerGroup:
                              target_tokens=[s.num_completion_tokens for s in samples])
         return [[[samples[i] for i in mb] for mb in step.for_rank(rank)] for rank in range(world)]
 
-    def train_step(self, samples: Sequence[TrainSample], seed: int = 0) -> dict[str, float]:
-        """One optimizer step on `samples`; metric sums over ranks (ratio_min/max combined by min/max)."""
+    def train_step(self, samples: Sequence[TrainSample], seed: int = 0, poison: bool = False) -> dict[str, float]:
+        """One optimizer step on `samples`; metric sums over ranks (ratio_min/max combined by min/max). `skipped`
+        is 1.0 when the step was dropped for a non-finite gradient; `poison` forces that (tests)."""
         num_tokens = sum(s.num_completion_tokens for s in samples)
         per_rank = self.plan(samples, seed)
-        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples))
+        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples), poison)
                            for actor, mbs in zip(self.actors, per_rank, strict=True)])
         total: dict[str, float] = {}
         for result in results:
@@ -272,7 +282,7 @@ class PolicyWorkerGroup:
                     total[key] = min(total.get(key, math.inf), value)
                 elif key == "ratio_max":
                     total[key] = max(total.get(key, -math.inf), value)
-                elif key in ("grad_norm", "lr"):
+                elif key in ("grad_norm", "lr", "skipped"):
                     total[key] = value  # the same on every rank
                 else:
                     total[key] = total.get(key, 0.0) + value

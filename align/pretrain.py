@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_with_min_lr_schedul
 from align.data import TokenizedChat, collate, plan_micro_batches
 from align.losses import sft_loss
 from align.model import Qwen2ForCausalLM
-from align.run import param_groups
+from align.run import adamw
 from align.tasks import Problem, TaskDataConfig, build_splits, generate_problems
 
 
@@ -38,11 +38,13 @@ from align.tasks import Problem, TaskDataConfig, build_splits, generate_problems
 class PretrainArgs:
     """Plain-text pretraining of the embedded default's base model."""
 
-    steps: int = 600
-    """Optimizer steps (0: no pretraining; the base is the random initialisation). 600 x 2,048 tokens is ~1.2
-    passes over the default corpus; measured: SFT from it beats SFT from the random init at every level."""
-    micro_batch_tokens: int = 2048
-    """Tokens per packed step; documents are short, so one row holds dozens of them."""
+    steps: int = 1800
+    """Optimizer steps (0: no pretraining; the base is the random initialisation). Measured on held-out level-1/2
+    problems in the raw format: 600 x 2,048 tokens left the base at 1.5% / 0% (it had not learned to pick the
+    digits), 1,800 x 1,024 (~11 min once per machine) reach 91% / 68%, and SFT from it needs 2 epochs, not 3."""
+    micro_batch_tokens: int = 1024
+    """Tokens per packed step; documents are short, so one row holds dozens of them. More, smaller steps learn
+    more per token here than fewer large ones."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -51,7 +53,7 @@ class PretrainArgs:
     """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices."""
-    fresh_arithmetic: int = 8000
+    fresh_arithmetic: int = 16000
     """Fresh level-1 and level-2 arithmetic problems (half each) beyond the training splits; eval excluded."""
     fact_repeats: int = 8
     """Times each one-digit column fact appears in the fact documents."""
@@ -124,7 +126,7 @@ def pretrain(model: Qwen2ForCausalLM, examples: Sequence[TokenizedChat], args: P
     while len(batches) < args.steps:  # as many passes over the documents as the steps need
         batches += plan_micro_batches([len(e) for e in examples], args.micro_batch_tokens, seed=seed * 1000 + epoch)
         epoch += 1
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = adamw(model, args.lr, args.weight_decay, (0.9, 0.95))
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup_steps, args.steps,
                                                            min_lr=args.min_lr)
     model.train()

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
 from align.config import config_to_dict, parse_config, save_config
 from align.defaults import base_model_dir, reward_model_dir, sft_model_dir
-from align.evaluate import evaluate_checkpoint, format_accuracy_table, read_eval_rows
+from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eval_rows
 from align.grpo import group_advantages
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
@@ -45,7 +46,7 @@ from align.run import refuse_other_runs
 from align.tokenizer import load_tokenizer
 from reward.worker import RewardRequest, RewardWorkerArgs, RewardWorkerGroup
 from rollout.scheduler import QueryScheduler, SchedulerConfig
-from rollout.vllm_worker import RolloutSampling, RolloutWorkerArgs, RolloutWorkerGroup
+from rollout.vllm_worker import RolloutLost, RolloutSampling, RolloutWorkerArgs, RolloutWorkerGroup
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class RolloutArgs:
     """Engine dtype: float32 on the CPU, bfloat16 on GPUs."""
     sync_bucket_mb: int = 64
     """Largest weight-sync bucket."""
+    max_restarts: int = 3
+    """Times Ray restarts a rollout actor that died; the step's weights are re-synced to it and the call retried."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ class GRPOConfig:
     """Checkpoints kept."""
     ray_address: str = ""
     """Ray cluster to join; empty: RAY_ADDRESS if set (ray job submit sets it), else a local Ray."""
+    max_skipped_steps: int = 3
+    """Steps in a row dropped for a non-finite gradient before the run stops (its checkpoints stay as they were)."""
+    inject_nan_steps: tuple[int, ...] = ()
+    """Fault injection, for tests: the losses of these steps (1-based) are made NaN, so the steps are dropped."""
     default_reward_model: bool = True
     """With reward.model_path empty: also score with the embedded default's reward model."""
     data: DataArgs = field(default_factory=DataArgs)
@@ -137,7 +144,6 @@ def main(cfg: GRPOConfig) -> None:
     save_config(cfg, out / "config.yaml")
     eval_rows = read_eval_rows(eval_path, cfg.data.eval_per_level) if eval_path else []
     resume_from = latest_checkpoint(out) if cfg.resume else None
-    before = evaluate_checkpoint(policy_path, eval_rows) if eval_rows and resume_from is None else None
 
     # --- workers --------------------------------------------------------------------------------------------
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -151,7 +157,7 @@ def main(cfg: GRPOConfig) -> None:
     rollout = RolloutWorkerGroup(RolloutWorkerArgs(
         model_path=policy_path, num_actors=cfg.rollout.num_actors, num_cpus=cfg.rollout.num_cpus,
         torch_threads=cfg.rollout.torch_threads, dtype=cfg.rollout.dtype, max_model_len=cfg.rollout.max_model_len,
-        seed=cfg.seed))
+        seed=cfg.seed, max_restarts=cfg.rollout.max_restarts))
     rewarder = RewardWorkerGroup(reward_args)
     policy = PolicyWorkerGroup(replace(cfg.policy, model_path=policy_path), cfg.loss, cfg.steps)
     scheduler = QueryScheduler(len(rows), cfg.scheduler)
@@ -162,21 +168,23 @@ def main(cfg: GRPOConfig) -> None:
         state = read_state(resume_from)
         start_step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
-        policy.sync_weights(rollout.actors, start_step, cfg.rollout.sync_bucket_mb * 2**20, cfg.rollout.dtype)
+        sync_rollout(policy, rollout, start_step, cfg.rollout)
         print(f"resumed from {resume_from} at step {start_step}/{cfg.steps}")
     logger = MetricsLogger(out, resume_step=start_step)
 
     # --- loop -----------------------------------------------------------------------------------------------
     progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step")
+    skipped_in_a_row = 0
     for step in range(start_step, cfg.steps):
         tally = dict.fromkeys(("seconds_rollout", "seconds_reward", "samples", "passed", "reward_sum",
-                               "completion_tokens"), 0.0)  # over every group rolled out, dropped ones included
+                               "completion_tokens", "rollout_restarts"), 0.0)  # every group, dropped ones too
         sampling = RolloutSampling(n=cfg.rollout.n, temperature=cfg.rollout.temperature,
                                    max_tokens=cfg.rollout.max_tokens, seed=cfg.seed * 1_000_003 + step)
 
         scheduled = scheduler.collect(cfg.queries_per_step, partial(
             roll_out_and_score, rollout=rollout, rewarder=rewarder, prompt_ids=prompt_ids, rows=rows,
-            sampling=sampling, version=step, tally=tally))
+            sampling=sampling, version=step, tally=tally,
+            resync=partial(sync_rollout, policy, rollout, step, cfg.rollout)))
         samples = []
         for (batch, k), rewards in zip(scheduled.payloads, scheduled.rewards, strict=True):
             advantages = group_advantages(rewards, cfg.rollout.n)
@@ -187,10 +195,11 @@ def main(cfg: GRPOConfig) -> None:
                                            batch.logprobs[index]))
 
         tic = time.perf_counter()
-        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step) if samples else {}
+        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step,
+                                  poison=step + 1 in cfg.inject_nan_steps) if samples else {}
         seconds_train = time.perf_counter() - tic
         tic = time.perf_counter()
-        policy.sync_weights(rollout.actors, step + 1, cfg.rollout.sync_bucket_mb * 2**20, cfg.rollout.dtype)
+        tally["rollout_restarts"] += sync_rollout(policy, rollout, step + 1, cfg.rollout)
         seconds_sync = time.perf_counter() - tic
 
         kept_rewards = scheduled.rewards.flatten()
@@ -207,15 +216,23 @@ def main(cfg: GRPOConfig) -> None:
             "clip_fraction": parts.get("clipped_sum", float("nan")) / max(tokens, 1.0),
             "logprob_gap": parts.get("gap_abs_sum", float("nan")) / max(parts.get("gap_tokens", 0.0), 1.0),
             "grad_norm": parts.get("grad_norm", float("nan")),
+            "skipped": parts.get("skipped", 0.0),  # 1: a non-finite gradient, the update was dropped
             "lr": parts.get("lr", float("nan")),
             "tokens_per_s": tally["completion_tokens"] / max(tally["seconds_rollout"], 1e-9),  # generated, per s
             "seconds_rollout": tally["seconds_rollout"],
             "seconds_reward": tally["seconds_reward"],
             "seconds_train": seconds_train,
             "seconds_sync": seconds_sync,
+            "rollout_restarts": tally["rollout_restarts"],
         }
         logger.log(step + 1, record)
         progress.update(1)
+        skipped_in_a_row = skipped_in_a_row + 1 if record["skipped"] else 0
+        if skipped_in_a_row:
+            progress.write(f"step {step + 1}: non-finite gradient norm, update dropped ({skipped_in_a_row} in a row)")
+        if skipped_in_a_row > cfg.max_skipped_steps:
+            raise FloatingPointError(f"{skipped_in_a_row} steps in a row had a non-finite gradient; stopped at step "
+                                     f"{step + 1}, the checkpoints in {out} are those of the last good steps")
         progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
                              zero_var=f"{record['zero_variance_fraction']:.2f}")
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
@@ -233,21 +250,30 @@ def main(cfg: GRPOConfig) -> None:
     for group in (rollout, rewarder, policy):
         group.close()
     print(f"exported {final_dir}")
-    if eval_rows:
-        after = evaluate_checkpoint(final_dir, eval_rows)
-        reports = {"before (SFT)": before, "after GRPO": after} if before else {"after GRPO": after}
+    if eval_rows:  # both models in one vLLM process: its import alone costs ~16 s here
+        reports = evaluate_checkpoints({"before (SFT)": policy_path, "after GRPO": final_dir}, eval_rows)
         print("\nheld-out accuracy (greedy):\n" + format_accuracy_table(reports))
         (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
 
 
 def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, rewarder: RewardWorkerGroup,
                        prompt_ids: list[list[int]], rows: list[dict], sampling: RolloutSampling, version: int,
-                       tally: dict[str, float]):
+                       tally: dict[str, float], resync: Callable[[], object]):
     """The scheduler's rollout callback: sample `sampling.n` completions per query and score them, adding times
-    and counts to `tally`. Returns one payload per query, (batch, k) with its group at completions
+    and counts to `tally`. A rollout actor lost mid-call is restarted by Ray; `resync()` then sends it the policy's
+    weights and the call is retried. Returns one payload per query, (batch, k) with its group at completions
     k*n .. k*n+n-1, and the rewards [Q, n]."""
     tic = time.perf_counter()
-    batch = rollout.generate([prompt_ids[q] for q in query_ids], sampling, policy_version=version)
+    for attempt in range(rollout.args.max_restarts + 1):
+        try:
+            batch = rollout.generate([prompt_ids[q] for q in query_ids], sampling, policy_version=version)
+            break
+        except RolloutLost as lost:
+            if attempt == rollout.args.max_restarts:
+                raise
+            tqdm.write(f"{lost}; re-syncing policy version {version} and retrying")
+            resync()
+            tally["rollout_restarts"] += 1
     tally["seconds_rollout"] += time.perf_counter() - tic
     tic = time.perf_counter()
     requests = [RewardRequest(prompt=rows[q]["prompt"], response=batch.text[k], task=rows[q])
@@ -260,6 +286,23 @@ def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, reward
     if scored.verifier_pass is not None:
         tally["passed"] += float(scored.verifier_pass.float().sum())
     return [(batch, k) for k in range(len(query_ids))], scored.reward.view(len(query_ids), sampling.n)
+
+
+def sync_rollout(policy: PolicyWorkerGroup, rollout: RolloutWorkerGroup, version: int, args: RolloutArgs) -> int:
+    """The policy's weights to every rollout actor, as `version`. A rollout actor that dies mid-sync is restarted
+    by Ray (the policy ranks stay in step, see rollout.weight_sync.sync_weights): wait for it, sync again. Returns
+    the number of such restarts."""
+    restarts = 0
+    while True:
+        try:
+            policy.sync_weights(rollout.actors, version, args.sync_bucket_mb * 2**20, args.dtype)
+            return restarts
+        except ray.exceptions.RayTaskError as error:
+            if restarts == args.max_restarts or not isinstance(error.cause, ray.exceptions.RayActorError):
+                raise
+            tqdm.write(f"a rollout actor was lost during the weight sync ({error.cause}); syncing again")
+            rollout.wait_until_ready()
+            restarts += 1
 
 
 def save_checkpoint(policy: PolicyWorkerGroup, scheduler: QueryScheduler, out: Path, step: int,
@@ -278,5 +321,5 @@ if __name__ == "__main__":
     torch.manual_seed(config.seed)
     try:
         main(config)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")

@@ -40,7 +40,7 @@ from align.engine import TrainEngine
 from align.losses import bradley_terry_loss
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
-from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
+from align.run import adamw, claim_output_dir, refuse_other_runs, save_checkpoint
 from align.tokenizer import load_tokenizer
 from reward.evaluate import PairAccuracy, evaluate_pairs
 from reward.model import load_reward_model, save_reward_model
@@ -162,8 +162,7 @@ def main(cfg: RewardConfig) -> None:
     model.model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model_config = model.config
     before = evaluate_pairs(model, eval_pairs) if eval_pairs and engine.is_main and resume_from is None else None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas)
+    optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, len(steps),
                                                             min_lr=cfg.optim.min_lr)
     engine.prepare(model, optimizer, scheduler)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class RolloutWorkerArgs:
     """Load the tokenizer and return completion text (rewards read it); False returns token ids only."""
     initial_policy_version: int = 0
     """Version of the weights in model_path."""
+    max_restarts: int = 3
+    """Times Ray restarts a rollout actor that died; it comes back with model_path's weights (see RolloutLost)."""
 
     def __post_init__(self):
         if self.num_actors < 1 or self.torch_threads < 1:
@@ -205,6 +208,15 @@ def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, temperature: fl
     return out
 
 
+class StaleWeightsError(ValueError):
+    """A rollout engine does not serve the policy version a call expects: mid-sync, or restarted by Ray."""
+
+
+class RolloutLost(RuntimeError):
+    """A rollout call failed because an actor died or came back from a restart with its starting weights. The
+    group has waited until every actor answers again; re-sync the policy's weights, then retry the call."""
+
+
 class RolloutActor:
     """One vLLM engine (a Ray actor through RolloutWorkerGroup; a plain object works in a process of its own)."""
 
@@ -231,7 +243,7 @@ class RolloutActor:
     def generate(self, prompt_token_ids: list[list[int]], sampling: RolloutSampling, policy_version: int,
                  first_index: int = 0) -> RolloutBatch:
         """`sampling.n` completions of each prompt; `first_index` is the first prompt's index in the whole call
-        (for its seed). Raises ValueError unless this engine serves `policy_version`."""
+        (for its seed). Raises StaleWeightsError unless this engine serves `policy_version`."""
         from vllm import SamplingParams
 
         self._check_version(policy_version)
@@ -275,7 +287,7 @@ class RolloutActor:
     def _check_version(self, expected: int) -> None:
         if self.policy_version != expected:
             state = "mid-sync" if self.policy_version is None else f"version {self.policy_version}"
-            raise ValueError(f"rollout engine serves {state}, the call expects policy version {expected}")
+            raise StaleWeightsError(f"rollout engine serves {state}, the call expects policy version {expected}")
 
 
 def split_evenly(items: Sequence, parts: int) -> list[tuple[int, list]]:
@@ -315,7 +327,7 @@ class RolloutWorkerGroup:
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(args.torch_threads)}
         remote = ray.remote(RolloutActor)
         self.actors = [
-            remote.options(num_cpus=args.num_cpus, runtime_env={"env_vars": env},
+            remote.options(num_cpus=args.num_cpus, runtime_env={"env_vars": env}, max_restarts=args.max_restarts,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement_group, i))
             .remote(args)
             for i in range(args.num_actors)
@@ -328,7 +340,12 @@ class RolloutWorkerGroup:
         calls = [actor.generate.remote(prompts, sampling, policy_version, first)
                  for actor, (first, prompts) in zip(self.actors, split_evenly(prompt_token_ids, len(self.actors)),
                                                     strict=True) if prompts]
-        return RolloutBatch.concat(get_all(calls))
+        try:
+            return RolloutBatch.concat(get_all(calls))
+        except (ray.exceptions.RayActorError, StaleWeightsError) as error:
+            # Died (RayActorError), or restarted before this call reached it (serves its starting weights).
+            self.wait_until_ready()
+            raise RolloutLost(f"a rollout actor was lost and restarted: {error}") from error
 
     def score(self, sequences: Sequence[list[int]], policy_version: int) -> list[list[float]]:
         """Every sequence's token log-probs (RolloutActor.score), split across the actors."""
@@ -348,6 +365,19 @@ class RolloutWorkerGroup:
 
     def info(self) -> list[dict[str, int | None]]:
         return ray.get([actor.info.remote() for actor in self.actors])
+
+    def wait_until_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until every actor answers, e.g. while Ray restarts a dead one (one engine start, ~20 s here).
+        Raises ActorDiedError once an actor is out of restarts, TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.info()
+                return
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls fail until it is back
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rollout actors not back after {timeout_s:.0f} s") from None
+                time.sleep(1.0)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -235,11 +235,17 @@ def sync_weights(
     if send and transport is None:
         raise ValueError("sync_weights: the sending rank needs a transport")
     start = time.perf_counter()
-    sizes, num_tensors = [], 0
+    sizes, num_tensors, failure = [], 0, None
     for bucket in iter_weight_buckets(named_params, max_bucket_bytes, gather, dtype, collect=send):
         sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
         num_tensors += len(bucket)
-        transport.send_bucket(bucket)
+        if failure is None:
+            try:
+                transport.send_bucket(bucket)
+            except Exception as error:  # an engine lost mid-sync: keep joining the other ranks' gathers, then raise
+                failure = error
+    if failure is not None:
+        raise failure
     if send:
         transport.finish(version)
     return SyncStats(len(sizes), num_tensors, sum(sizes), max(sizes, default=0), time.perf_counter() - start)

@@ -5,12 +5,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
@@ -72,6 +74,57 @@ def test_two_rank_zero3_run_syncs_resumes_and_exports(tiny_dir, tmp_path):
     assert resumed[2]["logprob_gap"] < 1e-3  # the resumed policy's weights were synced before sampling
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
     assert (out / "curves.png").is_file()
+
+
+def test_nan_steps_are_dropped_and_repeated_nans_stop_the_run(tiny_dir, tmp_path):
+    out = tmp_path / "nan"
+    args = grpo_args(tiny_dir, out, "--policy-lr", "1e-3", "--steps", "4", "--save-every", "1", "--keep-last", "5",
+                     "--inject-nan-steps", "2,3,4", "--max-skipped-steps", "2")
+    proc = subprocess.run([sys.executable, str(RECIPE), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "3 steps in a row had a non-finite gradient" in proc.stderr, proc.stderr[-3000:]
+    records = metrics(out)
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0)]
+    assert all(r["lr"] == records[0]["lr"] for r in records)  # a dropped step does not advance the schedule
+    # The run stopped before checkpointing step 4; steps 2 and 3 changed nothing: the fp32 master weights and
+    # Adam moments of their checkpoints are step 1's, bit for bit.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-0000000{k}" for k in (1, 2, 3)]
+    def optimizer_state(step: int) -> dict:
+        (shard,) = (out / f"checkpoint-0000000{step}" / "policy" / "state").glob("*optim_states.pt")
+        return torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    first, last = optimizer_state(1), optimizer_state(3)
+    flat_first, flat_last = first["fp32_flat_groups"], last["fp32_flat_groups"]
+    assert all(torch.equal(a, b) for a, b in zip(flat_first, flat_last, strict=True))
+    moments = lambda state: [t for s in state["optimizer_state_dict"]["state"].values()  # noqa: E731
+                             for t in s.values() if torch.is_tensor(t)]
+    assert all(torch.equal(a, b) for a, b in zip(moments(first), moments(last), strict=True))
+
+
+def test_a_killed_rollout_actor_is_restarted_and_the_run_finishes(tiny_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = grpo_args(tiny_dir, out, "--policy-lr", "1e-3", "--steps", "3")
+    proc = subprocess.Popen([sys.executable, str(RECIPE), *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        # Step 1 is done; kill the vLLM engine's actor process as an OOM killer or a lost node would.
+        victims = subprocess.run(["pgrep", "-f", "^ray::RolloutActor"], capture_output=True, text=True).stdout.split()
+        assert len(victims) == 1, victims
+        os.kill(int(victims[0]), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-5000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sum(r["rollout_restarts"] for r in records) == 1, stderr[-3000:]
+    # The restarted engine came back with the starting weights; step 2 sampled from the re-synced step-1 policy
+    # (lr 1e-3 moves it far from the start), so its log-probs match the policy's.
+    assert all(r["logprob_gap"] < 1e-3 for r in records[1:]), records
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_refuses_to_overwrite_another_run(tiny_dir, tmp_path):

@@ -2,6 +2,7 @@
 `Qwen2ForSequenceClassification`, and reports held-out pair accuracy before and after."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from align.defaults import base_model_dir, cache_dir, reward_model_dir, stage_name
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
@@ -68,3 +70,22 @@ def test_bad_pairs_name_file_row_and_field(tiny_dir, tmp_path):
     assert result.returncode != 0
     assert f"{data}: row 1: field 'rejected': missing" in result.stderr
     assert not (tmp_path / "o").exists()  # nothing written for a run that never started
+
+
+DEFAULT_RM_BUILT = (cache_dir() / stage_name("rm", 0) / "final" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not (DEFAULT_RM_BUILT or os.environ.get("QWEN_ALIGN_BUILD_DEFAULTS")),
+                    reason="acceptance test of the embedded default's reward model: runs where it is built (~20 min "
+                           "of base, SFT and RM training once per machine) or with QWEN_ALIGN_BUILD_DEFAULTS=1")
+def test_default_reward_model_reaches_0_9_and_reward_eval_shows_it(tmp_path):
+    rm = reward_model_dir(0)  # `accelerate launch recipes/reward_model.py`'s default run, cached
+    held_out = base_model_dir(0) / "data" / "pairs_eval.jsonl"
+    out = tmp_path / "results.json"
+    proc = subprocess.run([str(Path(sys.executable).parent / "reward-eval"), "--model", str(rm), "--data",
+                           str(held_out), "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())[str(rm)][str(held_out)]
+    assert result["accuracy"] >= 0.9, result
+    recorded = json.loads((rm.parent / "eval.json").read_text())["after training"]
+    assert abs(result["accuracy"] - recorded["accuracy"]) < 1e-9  # reward-eval agrees with the recipe's report
