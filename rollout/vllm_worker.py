@@ -332,7 +332,7 @@ class RolloutWorkerGroup:
             .remote(args)
             for i in range(args.num_actors)
         ]
-        ray.get([actor.info.remote() for actor in self.actors])  # wait until every engine has started
+        self._pids = self._current_pids()  # waits until every engine has started; a new pid means a restart
 
     def generate(self, prompt_token_ids: Sequence[list[int]], sampling: RolloutSampling,
                  policy_version: int) -> RolloutBatch:
@@ -343,8 +343,13 @@ class RolloutWorkerGroup:
         try:
             return RolloutBatch.concat(get_all(calls))
         except (ray.exceptions.RayActorError, StaleWeightsError) as error:
-            # Died (RayActorError), or restarted before this call reached it (serves its starting weights).
+            # Died during the call (RayActorError), or restarted before it (its starting weights are stale).
             self.wait_until_ready()
+            pids = self._current_pids()
+            restarted = pids != self._pids
+            self._pids = pids
+            if isinstance(error, StaleWeightsError) and not restarted:
+                raise  # the caller asked for a version nobody synced
             raise RolloutLost(f"a rollout actor was lost and restarted: {error}") from error
 
     def score(self, sequences: Sequence[list[int]], policy_version: int) -> list[list[float]]:
@@ -365,6 +370,9 @@ class RolloutWorkerGroup:
 
     def info(self) -> list[dict[str, int | None]]:
         return ray.get([actor.info.remote() for actor in self.actors])
+
+    def _current_pids(self) -> list[int]:
+        return [info["pid"] for info in self.info()]
 
     def wait_until_ready(self, timeout_s: float = 600.0) -> None:
         """Block until every actor answers, e.g. while Ray restarts a dead one (one engine start, ~20 s here).
