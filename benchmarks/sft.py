@@ -37,6 +37,7 @@ the cores distort the comparison badly (see `contention_warnings`); the script w
     python benchmarks/sft.py [--quick] [--steps 16] [--tokens 4096] [--model-path DIR] [--output FILE.json]
 """
 
+# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Run as a script, this file's directory heads sys.path and `import reward` (the recipe's align.evaluate imports
+# reward.verifiers) would find benchmarks/reward.py, not the reward package: leave the directory out.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 
 import torch
 
