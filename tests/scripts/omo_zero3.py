@@ -81,6 +81,7 @@ def train_zero3(variant: str, out: str) -> None:
     state = engine.gather_state_dict()
     if engine.is_main:
         torch.save(state, out)
+    engine.barrier()  # as the recipes do: no rank tears the group down while another still uses it
     engine.end()
 
 
