@@ -258,7 +258,7 @@ def main(cfg: GRPOConfig) -> None:
 
 def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, rewarder: RewardWorkerGroup,
                        prompt_ids: list[list[int]], rows: list[dict], sampling: RolloutSampling, version: int,
-                       tally: dict[str, float], resync: Callable[[], object]):
+                       tally: dict[str, float], resync: Callable[[], int]):
     """The scheduler's rollout callback: sample `sampling.n` completions per query and score them, adding times
     and counts to `tally`. A rollout actor lost mid-call is restarted by Ray; `resync()` then sends it the policy's
     weights and the call is retried. Returns one payload per query, (batch, k) with its group at completions
@@ -272,8 +272,7 @@ def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, reward
             if attempt == rollout.args.max_restarts:
                 raise
             tqdm.write(f"{lost}; re-syncing policy version {version} and retrying")
-            resync()
-            tally["rollout_restarts"] += 1
+            tally["rollout_restarts"] += 1 + resync()  # resync counts restarts during the re-sync itself
     tally["seconds_rollout"] += time.perf_counter() - tic
     tic = time.perf_counter()
     requests = [RewardRequest(prompt=rows[q]["prompt"], response=batch.text[k], task=rows[q])

@@ -332,7 +332,7 @@ class RolloutWorkerGroup:
             .remote(args)
             for i in range(args.num_actors)
         ]
-        self._pids = self._current_pids()  # waits until every engine has started; a new pid means a restart
+        self._pids = [info["pid"] for info in self.info()]  # waits for every engine; a new pid means a restart
 
     def generate(self, prompt_token_ids: Sequence[list[int]], sampling: RolloutSampling,
                  policy_version: int) -> RolloutBatch:
@@ -344,8 +344,7 @@ class RolloutWorkerGroup:
             return RolloutBatch.concat(get_all(calls))
         except (ray.exceptions.RayActorError, StaleWeightsError) as error:
             # Died during the call (RayActorError), or restarted before it (its starting weights are stale).
-            self.wait_until_ready()
-            pids = self._current_pids()
+            pids = [info["pid"] for info in self.wait_until_ready()]
             restarted = pids != self._pids
             self._pids = pids
             if isinstance(error, StaleWeightsError) and not restarted:
@@ -371,17 +370,13 @@ class RolloutWorkerGroup:
     def info(self) -> list[dict[str, int | None]]:
         return ray.get([actor.info.remote() for actor in self.actors])
 
-    def _current_pids(self) -> list[int]:
-        return [info["pid"] for info in self.info()]
-
-    def wait_until_ready(self, timeout_s: float = 600.0) -> None:
-        """Block until every actor answers, e.g. while Ray restarts a dead one (one engine start, ~20 s here).
+    def wait_until_ready(self, timeout_s: float = 600.0) -> list[dict[str, int | None]]:
+        """`info()` once every actor answers, e.g. after Ray restarted a dead one (one engine start, ~20 s here).
         Raises ActorDiedError once an actor is out of restarts, TimeoutError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                self.info()
-                return
+                return self.info()
             except ray.exceptions.ActorUnavailableError:  # restarting: calls fail until it is back
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"rollout actors not back after {timeout_s:.0f} s") from None
