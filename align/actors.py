@@ -1,10 +1,11 @@
 """Ray actor groups whose members become the ranks of one torch.distributed group (gloo on the CPU).
 
-    placement, actors = start_actors(MyActor, count=2, num_cpus=1, env_vars={"DS_ACCELERATOR": "cpu"}, args)
+    placement, actors = start_actors(MyActor, ActorResources(num_actors=2), env_vars, args)
     form_process_group(actors, timeout_s=600)          # MyActor subclasses DistributedActor
 
-Used by the reward worker's ZeRO-3 inference and the GRPO policy/reference workers: the one place where Ray
-placement and process-group set-up live.
+Used by the rollout, reward and GRPO policy/reference workers: the one place where Ray placement and
+process-group set-up live. On the CPU the group talks gloo; on GPUs (each actor given `num_gpus`, Ray showing it
+only its own devices) NCCL, which is not run on the project's CPU-only machines.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -40,22 +43,64 @@ class DistributedActor:
                           LOCAL_WORLD_SIZE=str(local_world_size))
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+        backend = "gloo"
+        if torch.cuda.is_available():  # Ray shows a GPU actor only its own device, so it is cuda:0 here
+            os.environ["LOCAL_RANK"] = "0"
+            torch.cuda.set_device(0)
+            backend = "nccl"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s))
 
 
-def start_actors(actor_class: type, count: int, num_cpus: float, env_vars: dict[str, str],
-                 *init_args) -> tuple[PlacementGroup, list[ray.actor.ActorHandle]]:
-    """`count` actors of `actor_class` (a plain class), one per bundle of a PACK placement group (so ranks share
-    a node when they fit), each with `num_cpus` CPUs and `env_vars` set before it imports anything."""
-    group = placement_group([{"CPU": num_cpus}] * count, strategy="PACK")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What a role's Ray actors get: how many, their CPUs and GPUs, and how their bundles are placed."""
+
+    num_actors: int = 1
+    """Actors of the role."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per actor (fractions let several actors share cores)."""
+    num_gpus: float = 0.0
+    """Ray GPUs per actor (0 on the CPU; 1 for a ZeRO-3 rank or a vLLM engine on GPUs)."""
+    placement_strategy: str = "PACK"
+    """Ray placement-group strategy of the role's bundles (PACK: share nodes when they fit; SPREAD: across)."""
+    torch_threads: int = 1
+    """torch threads per actor (each process otherwise assumes it owns every core)."""
+
+    def __post_init__(self):
+        if self.num_actors < 1 or self.torch_threads < 1:
+            raise ValueError(f"ActorResources: num_actors={self.num_actors} and torch_threads={self.torch_threads} "
+                             "must be >= 1")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"ActorResources: num_cpus={self.num_cpus} must be > 0, num_gpus={self.num_gpus} >= 0")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"ActorResources.placement_strategy={self.placement_strategy!r}: expected one of "
+                             f"{PLACEMENT_STRATEGIES}")
+
+    def accelerator_env(self) -> dict[str, str]:
+        """Environment for a DeepSpeed actor: deepspeed picks its accelerator at import, so CPU actors name it."""
+        return {} if self.num_gpus else {"DS_ACCELERATOR": "cpu"}
+
+
+def start_actors(actor_class: type, resources: ActorResources, env_vars: dict[str, str], *init_args,
+                 max_restarts: int = 0) -> tuple[PlacementGroup, list[ray.actor.ActorHandle]]:
+    """`resources.num_actors` actors of `actor_class` (a plain class), one per bundle of a placement group, each
+    with its CPUs and GPUs and `env_vars` (plus OMP_NUM_THREADS) set before it imports anything. Ray restarts an
+    actor that dies up to `max_restarts` times, running its constructor again."""
+    bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
+    group = placement_group([bundle] * resources.num_actors, strategy=resources.placement_strategy)
     ray.get(group.ready())
+    env = {"OMP_NUM_THREADS": str(resources.torch_threads), **env_vars}
     remote = ray.remote(actor_class)
     actors = [
-        remote.options(num_cpus=num_cpus, runtime_env={"env_vars": env_vars},
+        remote.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=max_restarts,
+                       runtime_env={"env_vars": env},
                        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i))
         .remote(*init_args)
-        for i in range(count)
+        for i in range(resources.num_actors)
     ]
     return group, actors
 

@@ -1,6 +1,7 @@
 """GRPO's policy and reference workers: Ray actors that are the ranks of one DeepSpeed ZeRO-3 group.
 
-    group = PolicyWorkerGroup(PolicyArgs(model_path="sft/final", num_actors=2), total_steps=100)
+    group = PolicyWorkerGroup(PolicyArgs(model_path="sft/final", resources=ActorResources(num_actors=2)),
+                              total_steps=100)
     metrics = group.train_step(samples, loss)          # one optimizer step on all ranks
     group.sync_weights(rollout.actors, version=1)      # gathered parameter by parameter, sent in buckets
     group.save(directory); group.export(final_dir)
@@ -26,12 +27,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
-from align.actors import DistributedActor, form_process_group, start_actors, zero3_inference_config
+from align.actors import ActorResources, DistributedActor, form_process_group, start_actors, zero3_inference_config
 from align.data import TokenizedChat, collate, plan_micro_batches, plan_steps
 from align.grpo import GRPO_AGGREGATIONS
 from align.model import load_pretrained, save_state_dict
@@ -43,12 +45,11 @@ class PolicyArgs:
 
     model_path: str = ""
     """Policy start (HF directory); the reference model is the same checkpoint, frozen."""
-    num_actors: int = 1
-    """Ranks of the ZeRO-3 group."""
-    num_cpus: float = 1.0
-    """Ray CPUs per rank."""
-    torch_threads: int = 1
-    """torch threads per rank."""
+    resources: ActorResources = field(default_factory=ActorResources)
+    """The ranks of the ZeRO-3 group: how many, CPUs and GPUs each, placement."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights in the forward/backward passes: bfloat16 on GPUs (DeepSpeed keeps float32 master weights), float32
+    on CPUs without native bf16."""
     lr: float = 1e-5
     """AdamW learning rate (constant after warm-up)."""
     warmup_steps: int = 0
@@ -79,6 +80,9 @@ class LossArgs:
     """Upper clip (DAPO's clip-higher; equal to epsilon_low for the paper's symmetric clip)."""
     kl_beta: float = 0.0
     """Coefficient of the k3 KL to the reference (0: no reference model is held)."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by their std (GRPO); False only centres them (Dr. GRPO), so groups whose
+    rewards barely differ get small advantages instead of unit-scale ones."""
 
     def __post_init__(self):
         if self.aggregation not in GRPO_AGGREGATIONS:
@@ -103,10 +107,10 @@ class TrainSample:
         return len(self.token_ids) - self.completion_start
 
 
-def zero3_training_config(max_grad_norm: float) -> dict:
+def zero3_training_config(max_grad_norm: float, bf16: bool = False) -> dict:
     """ZeRO-3 with a client optimizer; the step boundary is set per call (see PolicyActor.train_step)."""
     return {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "gradient_clipping": max_grad_norm, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": max_grad_norm, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16},
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
@@ -130,7 +134,7 @@ class PolicyActor(DistributedActor):
     """One rank of the policy group (a Ray actor through PolicyWorkerGroup)."""
 
     def __init__(self, args: PolicyArgs, loss: LossArgs, total_steps: int):
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.resources.torch_threads)
         self.args, self.loss_args, self.total_steps = args, loss, total_steps
         self.engine = self.reference = None
 
@@ -141,15 +145,16 @@ class PolicyActor(DistributedActor):
 
         from align.run import adamw
 
-        model = load_pretrained(self.args.model_path)
+        model = load_pretrained(self.args.model_path, dtype=self.args.dtype)
         model.gradient_checkpointing_enable(self.args.gradient_checkpointing)
         self.config = model.config
         optimizer = adamw(model, self.args.lr, self.args.weight_decay, self.args.betas)
         self.schedule = get_constant_schedule_with_warmup(optimizer, self.args.warmup_steps)
         self.engine, self.optimizer, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=zero3_training_config(self.args.max_grad_norm))
+            model=model, optimizer=optimizer,
+            config=zero3_training_config(self.args.max_grad_norm, bf16=self.args.dtype == "bfloat16"))
         if self.loss_args.kl_beta:
-            reference = load_pretrained(self.args.model_path).eval().requires_grad_(False)
+            reference = load_pretrained(self.args.model_path, dtype=self.args.dtype).eval().requires_grad_(False)
             self.reference, *_ = deepspeed.initialize(model=reference, config=zero3_inference_config())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -166,6 +171,7 @@ class PolicyActor(DistributedActor):
         for k, samples in enumerate(micro_batches):
             work = samples or [TrainSample([0, 0], 1, 0.0)]  # an empty micro-batch still joins the collectives
             batch = collate([TokenizedChat(s.token_ids, [True] * len(s.token_ids)) for s in work])
+            batch = batch.to(self.engine.device)  # the CPU here; the rank's GPU on GPUs
             layout = batch.layout()
             scored = self.engine(batch.input_ids, layout=layout, target_ids=batch.target_ids, with_entropy=True)
             logprobs, mask = completion_view(scored.logprobs[0], work)  # [N, L]
@@ -174,7 +180,7 @@ class PolicyActor(DistributedActor):
                 with torch.no_grad():
                     ref_flat = self.reference(batch.input_ids, layout=layout, target_ids=batch.target_ids).logprobs
                 ref_logprobs, _ = completion_view(ref_flat[0], work)  # [N, L]
-            advantages = torch.tensor([s.advantage for s in work])  # [N]
+            advantages = torch.tensor([s.advantage for s in work], device=logprobs.device)  # [N]
             loss, parts = loss_fn(logprobs, logprobs.detach(), ref_logprobs, advantages, mask, normaliser,
                                   self.loss_args.epsilon_low, self.loss_args.epsilon_high, self.loss_args.kl_beta)
             if not samples:
@@ -191,7 +197,7 @@ class PolicyActor(DistributedActor):
             for i, s in enumerate(work):
                 if s.rollout_logprobs:
                     n = len(s.rollout_logprobs)
-                    gap = logprobs[i, :n].detach() - torch.tensor(s.rollout_logprobs)
+                    gap = logprobs[i, :n].detach() - torch.tensor(s.rollout_logprobs, device=logprobs.device)
                     sums["gap_abs_sum"] += float(gap.abs().sum())
                     sums["gap_tokens"] += n
             for key, value in parts.items():
@@ -250,13 +256,12 @@ class PolicyActor(DistributedActor):
 
 
 class PolicyWorkerGroup:
-    """`args.num_actors` PolicyActors forming one ZeRO-3 group, called as one. Needs a running Ray."""
+    """`args.resources.num_actors` PolicyActors forming one ZeRO-3 group, called as one. Needs a running Ray."""
 
     def __init__(self, args: PolicyArgs, loss: LossArgs, total_steps: int):
         self.args = args
-        env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.torch_threads)}
-        self._placement_group, self.actors = start_actors(PolicyActor, args.num_actors, args.num_cpus, env, args,
-                                                          loss, total_steps)
+        self._placement_group, self.actors = start_actors(PolicyActor, args.resources,
+                                                          args.resources.accelerator_env(), args, loss, total_steps)
         form_process_group(self.actors, args.collective_timeout_s)
         ray.get([actor.setup.remote() for actor in self.actors])
 

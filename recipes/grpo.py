@@ -34,6 +34,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from align.actors import ActorResources
 from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
 from align.config import config_to_dict, parse_config, save_config
 from align.defaults import base_model_dir, reward_model_dir, sft_model_dir
@@ -53,6 +54,9 @@ from rollout.vllm_worker import RolloutLost, RolloutSampling, RolloutWorkerArgs,
 class DataArgs:
     prompts_path: str = ""
     """RL prompt rows (align.tasks format: `prompt` messages plus what the verifiers need). Empty: the default's."""
+    max_prompts: int = 400
+    """Use the first N prompt rows (0: all). The default's 400 make 40 steps of 16 queries 1.6 passes, so the
+    second pass meets queries whose reward variance is known and the variance order acts on it."""
     eval_path: str = ""
     """Held-out rows for accuracy before and after. Empty: the default's data/eval.jsonl; 'none': skip."""
     eval_per_level: int = 25
@@ -61,22 +65,24 @@ class DataArgs:
 
 @dataclass(frozen=True)
 class RolloutArgs:
-    num_actors: int = 1
-    """vLLM rollout actors; a step's queries are split across them."""
-    num_cpus: float = 0.5
-    """Ray CPUs per rollout actor."""
-    torch_threads: int = 2
-    """torch threads per rollout actor."""
+    resources: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.5, torch_threads=2))
+    """The vLLM rollout actors (a step's queries are split across them), their CPUs and GPUs."""
     n: int = 8
     """Completions per query (the GRPO group; Qwen2.5 samples 8)."""
     temperature: float = 1.0
     """Sampling temperature."""
     max_tokens: int = 256
     """Longest completion."""
+    ignore_eos: bool = False
+    """Sample exactly max_tokens tokens, past the end-of-turn token (fixed-length benchmarks)."""
     max_model_len: int = 1024
     """Longest prompt + completion the engines accept."""
     dtype: str = "float32"
     """Engine dtype: float32 on the CPU, bfloat16 on GPUs."""
+    kv_cache_memory_bytes: int | None = 256 * 2**20
+    """KV cache per engine; None sizes it from gpu_memory_utilization (GPUs)."""
+    gpu_memory_utilization: float = 0.5
+    """With kv_cache_memory_bytes None: the fraction of device memory vLLM takes."""
     sync_bucket_mb: int = 64
     """Largest weight-sync bucket."""
     max_restarts: int = 3
@@ -114,7 +120,8 @@ class GRPOConfig:
     loss: LossArgs = field(default_factory=LossArgs)
     rollout: RolloutArgs = field(default_factory=RolloutArgs)
     reward: RewardWorkerArgs = field(default_factory=lambda: RewardWorkerArgs(
-        verifiers=("task",), model_weight=0.2, model_score_norm="batch", num_cpus=0.5))
+        verifiers=("task",), model_weight=0.2, model_score_norm="batch",
+        resources=ActorResources(num_cpus=0.5)))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -134,6 +141,7 @@ def main(cfg: GRPOConfig) -> None:
     if not reward_args.model_path and cfg.default_reward_model:
         reward_args = replace(reward_args, model_path=str(reward_model_dir(cfg.seed)))
     rows = [json.loads(line) for line in prompts_path.read_text().splitlines() if line.strip()]
+    rows = rows[:cfg.data.max_prompts] if cfg.data.max_prompts else rows
     if not rows:
         raise ValueError(f"{prompts_path}: no prompt rows")
     tokenizer = load_tokenizer(policy_path)
@@ -155,9 +163,10 @@ def main(cfg: GRPOConfig) -> None:
         except ConnectionError:  # none: a local Ray for this run only, without the dashboard clusters use
             ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
     rollout = RolloutWorkerGroup(RolloutWorkerArgs(
-        model_path=policy_path, num_actors=cfg.rollout.num_actors, num_cpus=cfg.rollout.num_cpus,
-        torch_threads=cfg.rollout.torch_threads, dtype=cfg.rollout.dtype, max_model_len=cfg.rollout.max_model_len,
-        seed=cfg.seed, max_restarts=cfg.rollout.max_restarts))
+        model_path=policy_path, resources=cfg.rollout.resources, dtype=cfg.rollout.dtype,
+        max_model_len=cfg.rollout.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
+        max_restarts=cfg.rollout.max_restarts))
     rewarder = RewardWorkerGroup(reward_args)
     policy = PolicyWorkerGroup(replace(cfg.policy, model_path=policy_path), cfg.loss, cfg.steps)
     scheduler = QueryScheduler(len(rows), cfg.scheduler)
@@ -176,10 +185,12 @@ def main(cfg: GRPOConfig) -> None:
     progress = tqdm(total=cfg.steps, initial=start_step, desc="grpo", unit="step")
     skipped_in_a_row = 0
     for step in range(start_step, cfg.steps):
+        step_begin = time.perf_counter()
         tally = dict.fromkeys(("seconds_rollout", "seconds_reward", "samples", "passed", "reward_sum",
                                "completion_tokens", "rollout_restarts"), 0.0)  # every group, dropped ones too
         sampling = RolloutSampling(n=cfg.rollout.n, temperature=cfg.rollout.temperature,
-                                   max_tokens=cfg.rollout.max_tokens, seed=cfg.seed * 1_000_003 + step)
+                                   max_tokens=cfg.rollout.max_tokens, ignore_eos=cfg.rollout.ignore_eos,
+                                   seed=cfg.seed * 1_000_003 + step)
 
         scheduled = scheduler.collect(cfg.queries_per_step, partial(
             roll_out_and_score, rollout=rollout, rewarder=rewarder, prompt_ids=prompt_ids, rows=rows,
@@ -187,7 +198,7 @@ def main(cfg: GRPOConfig) -> None:
             resync=partial(sync_rollout, policy, rollout, step, cfg.rollout)))
         samples = []
         for (batch, k), rewards in zip(scheduled.payloads, scheduled.rewards, strict=True):
-            advantages = group_advantages(rewards, cfg.rollout.n)
+            advantages = group_advantages(rewards, cfg.rollout.n, scale_rewards=cfg.loss.scale_rewards)
             for j in range(cfg.rollout.n):
                 index = k * cfg.rollout.n + j
                 prompt, completion = batch.prompt_token_ids[k], batch.completion_token_ids[index]
@@ -223,6 +234,7 @@ def main(cfg: GRPOConfig) -> None:
             "seconds_reward": tally["seconds_reward"],
             "seconds_train": seconds_train,
             "seconds_sync": seconds_sync,
+            "seconds_step": time.perf_counter() - step_begin,  # wall: the phases plus scheduling and packing
             "rollout_restarts": tally["rollout_restarts"],
         }
         logger.log(step + 1, record)

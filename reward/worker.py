@@ -1,6 +1,7 @@
 """The Ray reward worker: scores batches of (prompt, response) with a reward model and/or rule-based verifiers.
 
-    group = RewardWorkerGroup(RewardWorkerArgs(model_path="rm/", verifiers=("task",), num_actors=2, zero3=True))
+    group = RewardWorkerGroup(RewardWorkerArgs(model_path="rm/", verifiers=("task",), zero3=True,
+                                               resources=ActorResources(num_actors=2)))
     scored = group.score([RewardRequest(prompt=[{"role": "user", "content": "2+3?"}], response="\\boxed{5}",
                                         task={"family": "arithmetic", "answer": "5"})])
     scored.reward, scored.model_score, scored.verifier_pass, scored.reason
@@ -15,14 +16,13 @@ template and tokenized exactly as `reward-eval` and reward-model training do (`a
 `tokenize_pair`), packed padding-free by `reward.evaluate.score_sequences`. Nothing is truncated: a reward for
 a cut-off conversation would be a reward for a different answer.
 
-Actors. The batch is split into `num_actors` contiguous slices, one per actor, and the results are concatenated
-in order. Without `zero3` every actor holds the whole model (data parallel). With `zero3` the actors are the
-ranks of one torch.distributed gloo group and the model is wrapped by DeepSpeed ZeRO-3 with no optimizer
-(inference only): each rank keeps 1/N of every parameter and the ranks all-gather each module's weights around
-its forward call. That collective is why every rank must make the same number of forward calls: a rank with
-fewer packed chunks than the busiest one runs a one-token dummy sequence for each missing call. Requests are
-checked on the driver before dispatch, so that a bad row cannot raise on one rank while its peers wait in a
-collective.
+Actors. The batch is split into `resources.num_actors` contiguous slices, one per actor, and the results are
+concatenated in order. Without `zero3` every actor holds the whole model (data parallel). With `zero3` the actors
+are the ranks of one torch.distributed group (gloo on the CPU) and the model is wrapped by DeepSpeed ZeRO-3 with no
+optimizer (inference only): each rank keeps 1/N of every parameter and the ranks all-gather each module's weights
+around its forward call. That collective is why every rank must make the same number of forward calls: a rank with
+fewer packed chunks than the busiest one runs a one-token dummy sequence for each missing call. Requests are checked
+on the driver before dispatch, so that a bad row cannot raise on one rank while its peers wait in a collective.
 
 Verifier checks run in each actor's small thread pool (they mostly wait on sandboxed child processes), started
 before the model's forward passes so the two overlap.
@@ -36,13 +36,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
-from align.actors import DistributedActor, form_process_group, start_actors, zero3_inference_config
+from align.actors import ActorResources, DistributedActor, form_process_group, start_actors, zero3_inference_config
 from align.data import PreferencePair, parse_pair
 from align.data.pairs import tokenize_pair
 from align.tokenizer import load_tokenizer
@@ -87,16 +87,12 @@ class RewardWorkerArgs:
     """Weight of the verifiers' pass (1) / fail (0) in the reward."""
     model_score_norm: str = "none"
     """Normalisation of the model score before weighting (keys of NORMALIZERS)."""
-    num_actors: int = 1
-    """Actors the batch is split across; with zero3, the ranks of one ZeRO-3 group."""
-    num_cpus: float = 1.0
-    """Ray CPUs reserved per actor (fractions let several actors share cores)."""
+    resources: ActorResources = field(default_factory=ActorResources)
+    """The actors the batch is split across (with zero3, the ranks of one ZeRO-3 group), their CPUs and GPUs."""
     zero3: bool = False
     """Partition the reward model's parameters across the actors with DeepSpeed ZeRO-3 (inference only)."""
     batch_tokens: int = 8192
     """Tokens per packed forward pass (a longer conversation goes alone)."""
-    torch_threads: int = 1
-    """torch.set_num_threads in each actor (by default every process assumes it owns all cores)."""
     verifier_threads: int = 2
     """Threads per actor running verifier checks."""
     collective_timeout_s: float = 600.0
@@ -115,11 +111,11 @@ class RewardWorkerArgs:
             raise ValueError("RewardWorkerArgs: model_weight and verifier_weight must be finite")
         if self.zero3 and not self.model_path:
             raise ValueError("RewardWorkerArgs.zero3 partitions a reward model: set model_path")
-        for name in ("num_actors", "batch_tokens", "torch_threads", "verifier_threads"):
+        for name in ("batch_tokens", "verifier_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RewardWorkerArgs.{name}={getattr(self, name)}: must be >= 1")
-        if self.num_cpus <= 0 or self.collective_timeout_s <= 0:
-            raise ValueError("RewardWorkerArgs: num_cpus and collective_timeout_s must be > 0")
+        if self.collective_timeout_s <= 0:
+            raise ValueError("RewardWorkerArgs.collective_timeout_s: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -215,7 +211,7 @@ class RewardActor(DistributedActor):
     """One reward actor (a Ray actor through RewardWorkerGroup; a plain object works in-process too)."""
 
     def __init__(self, args: RewardWorkerArgs):
-        torch.set_num_threads(args.torch_threads)
+        torch.set_num_threads(args.resources.torch_threads)
         self.args = args
         self.pool = ThreadPoolExecutor(max_workers=args.verifier_threads) if args.verifiers else None
         self.tokenizer = load_tokenizer(args.model_path) if args.model_path else None
@@ -227,6 +223,8 @@ class RewardActor(DistributedActor):
         if not self.args.model_path:
             return
         model = load_reward_model(self.args.model_path).eval()
+        if self.args.resources.num_gpus and torch.cuda.is_available():  # GPUs: not run on the project's machines
+            model = model.cuda()
         if self.args.zero3:
             import deepspeed
 
@@ -259,7 +257,7 @@ class RewardActor(DistributedActor):
     def _model_scores(self, requests: list[RewardRequest]) -> torch.Tensor:
         sequences = [conversation_ids(r, self.tokenizer, i) for i, r in enumerate(requests)]
         if self.engine is None:
-            return score_sequences(self.model, sequences, self.args.batch_tokens)
+            return score_sequences(self.model, sequences, self.args.batch_tokens).cpu()
         chunks = greedy_chunks([len(s) for s in sequences], self.args.batch_tokens)
         calls = torch.tensor([len(chunks)])
         torch.distributed.all_reduce(calls, op=torch.distributed.ReduceOp.MAX)  # the busiest rank's forward calls
@@ -268,7 +266,7 @@ class RewardActor(DistributedActor):
         dummy = [[self.tokenizer.pad_token_id or 0]]
         for _ in range(int(calls) - len(chunks)):  # keep step with the other ranks' parameter gathers
             score_sequences(self.model, dummy, self.args.batch_tokens)
-        return torch.cat(scores) if scores else torch.zeros(0)
+        return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
@@ -281,14 +279,13 @@ def split_evenly(items: Sequence, parts: int) -> list[list]:
 
 
 class RewardWorkerGroup:
-    """`args.num_actors` RewardActors in a placement group (one ZeRO-3 group when args.zero3), called as one.
+    """`args.resources.num_actors` RewardActors in a placement group (one ZeRO-3 group when args.zero3), called as one.
     Needs a running Ray (ray.init); `close()` ends the actors and frees their CPUs."""
 
     def __init__(self, args: RewardWorkerArgs):
         self.args = args
-        # deepspeed reads DS_ACCELERATOR at import; the CPU accelerator is the only one wired here (no GPUs).
-        env = {"DS_ACCELERATOR": "cpu"} if args.zero3 else {}
-        self._placement_group, self.actors = start_actors(RewardActor, args.num_actors, args.num_cpus, env, args)
+        env = args.resources.accelerator_env() if args.zero3 else {}
+        self._placement_group, self.actors = start_actors(RewardActor, args.resources, env, args)
         if args.zero3:
             form_process_group(self.actors, args.collective_timeout_s)
         ray.get([actor.load_model.remote() for actor in self.actors])

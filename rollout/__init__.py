@@ -1,1 +1,2 @@
-"""Rollouts: vLLM generation (offline batches now; Ray rollout workers, weight sync and query scheduling later)."""
+"""Rollouts: vLLM rollout actors (vllm_worker), policy-to-vLLM weight sync (weight_sync), the reward-variance
+query scheduler (scheduler) and offline batch generation (offline)."""

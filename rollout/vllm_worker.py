@@ -1,7 +1,7 @@
 """vLLM rollout actors for GRPO: sample n completions per query with per-token log-probs, tagged with the policy
 version that produced them, and take weight syncs from the trainer.
 
-    group = RolloutWorkerGroup(RolloutWorkerArgs(model_path="sft/final", num_actors=2, num_cpus=0.5))
+    group = RolloutWorkerGroup(RolloutWorkerArgs(model_path="sft/final", resources=ActorResources(num_actors=2)))
     batch = group.generate(prompt_ids, RolloutSampling(n=8, temperature=1.0, max_tokens=256, seed=step), version)
     batch.completion_token_ids[i * 8 + j], batch.logprobs[...], batch.text[...], batch.finish_reason[...]
     stats = group.sync_weights(policy.named_parameters(), version=step + 1, max_bucket_bytes=256 * 2**20)
@@ -34,13 +34,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
+from align.actors import ActorResources, start_actors
 from align.model import PackedLayout
 from align.model.config import DTYPES
 from rollout.weight_sync import (
@@ -59,12 +59,9 @@ class RolloutWorkerArgs:
 
     model_path: str
     """Model directory (config.json, safetensors, tokenizer files) the engines start from."""
-    num_actors: int = 1
-    """Rollout actors, each with its own vLLM engine; a call's prompts are split across them."""
-    num_cpus: float = 1.0
-    """Ray CPUs reserved per actor (fractions let several actors share cores)."""
-    torch_threads: int = 1
-    """torch threads per actor (vLLM's CPU worker fixes them at start: set here, not later)."""
+    resources: ActorResources = field(default_factory=ActorResources)
+    """The actors, each with its own vLLM engine (a call's prompts are split across them), their CPUs and GPUs;
+    vLLM's CPU worker fixes the torch threads at start, so they are set here, not later."""
     dtype: str = "float32"
     """Engine weights dtype: float32 on the CPU, bfloat16 on GPUs."""
     max_model_len: int = 2048
@@ -83,10 +80,6 @@ class RolloutWorkerArgs:
     """Times Ray restarts a rollout actor that died; it comes back with model_path's weights (see RolloutLost)."""
 
     def __post_init__(self):
-        if self.num_actors < 1 or self.torch_threads < 1:
-            raise ValueError("RolloutWorkerArgs: num_actors and torch_threads must be >= 1")
-        if self.num_cpus <= 0:
-            raise ValueError(f"RolloutWorkerArgs.num_cpus={self.num_cpus}: must be > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"RolloutWorkerArgs.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
@@ -222,15 +215,20 @@ class RolloutActor:
 
     def __init__(self, args: RolloutWorkerArgs):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process (also in the runtime env)
-        torch.set_num_threads(args.torch_threads)  # vLLM's CPU worker turns set_num_threads into a no-op later
+        # vLLM's CPU worker turns set_num_threads into a no-op later
+        torch.set_num_threads(args.resources.torch_threads)
         from vllm import LLM
 
         self.args = args
+        # On the CPU, vLLM 0.32 crashes when a seeded request's prefill is split across engine steps (it rewinds
+        # the request's generator, and CPU generators have no offset), so prompts are prefilled whole there.
+        whole_prefills = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(args.max_model_len, 4096)}
         self.llm = LLM(
             model=args.model_path, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             seed=args.seed, skip_tokenizer_init=not args.detokenize, logprobs_mode="processed_logprobs",
-            worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+            worker_extension_cls=WEIGHT_SYNC_EXTENSION, **whole_prefills,
         )
         self.policy_version: int | None = args.initial_policy_version
         self.prompts_served = 0
@@ -317,21 +315,14 @@ def get_all(refs: Sequence[ray.ObjectRef]) -> list:
 
 
 class RolloutWorkerGroup:
-    """`args.num_actors` RolloutActors in a PACK placement group, called as one. Needs a running Ray
+    """`args.resources.num_actors` RolloutActors in a placement group, called as one. Needs a running Ray
     (ray.init); `close()` ends the actors and frees their CPUs."""
 
     def __init__(self, args: RolloutWorkerArgs):
         self.args = args
-        self._placement_group = placement_group([{"CPU": args.num_cpus}] * args.num_actors, strategy="PACK")
-        ray.get(self._placement_group.ready())
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(args.torch_threads)}
-        remote = ray.remote(RolloutActor)
-        self.actors = [
-            remote.options(num_cpus=args.num_cpus, runtime_env={"env_vars": env}, max_restarts=args.max_restarts,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement_group, i))
-            .remote(args)
-            for i in range(args.num_actors)
-        ]
+        self._placement_group, self.actors = start_actors(RolloutActor, args.resources,
+                                                          {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, args,
+                                                          max_restarts=args.max_restarts)
         self._pids = [info["pid"] for info in self.info()]  # waits for every engine; a new pid means a restart
 
     def generate(self, prompt_token_ids: Sequence[list[int]], sampling: RolloutSampling,

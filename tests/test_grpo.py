@@ -1,6 +1,7 @@
 """recipes/grpo.py end to end with real Ray, vLLM and DeepSpeed ZeRO-3 on a tiny model: a 2-rank policy run
 that syncs weights every step, resume, and the same recipe submitted as a Ray job to a loopback head."""
 
+import importlib.util
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.config import load_config
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
 
@@ -52,7 +54,7 @@ def metrics(output_dir: Path) -> list[dict]:
 
 def test_two_rank_zero3_run_syncs_resumes_and_exports(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    common = grpo_args(tiny_dir, out, "--policy-num-actors", "2", "--policy-num-cpus", "0.5",
+    common = grpo_args(tiny_dir, out, "--policy-resources-num-actors", "2", "--policy-resources-num-cpus", "0.5",
                        "--policy-lr", "1e-3", "--loss-kl-beta", "0.05", "--save-every", "2")
     run([sys.executable, str(RECIPE), *common, "--steps", "2"])
     first = metrics(out)
@@ -168,3 +170,23 @@ def test_ray_job_submit_on_a_loopback_head(tiny_dir, tmp_path):
         assert (out / "final" / "model.safetensors").is_file()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=300)
+
+
+def test_help_and_the_7b_preset():
+    result = subprocess.run([sys.executable, str(RECIPE), "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for flag in ("--policy-resources-num-gpus", "--rollout-resources-placement-strategy", "--scheduler-order",
+                 "--loss-kl-beta", "--resume", "--output-dir"):
+        assert flag in result.stdout, flag
+    spec = importlib.util.spec_from_file_location("grpo_recipe", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_recipe"] = recipe  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(recipe)
+    preset = load_config(recipe.GRPOConfig, REPO / "recipes/configs/grpo/qwen2.5-7b.yaml")
+    # The report's Stage 3: 8 responses per query, 2048 samples per step (global batch) and per episode.
+    assert preset.rollout.n == 8 and preset.queries_per_step * preset.rollout.n == 2048
+    assert preset.reward.model_path and preset.reward.zero3 and not preset.default_reward_model
+    assert preset.scheduler.order == "variance" and preset.policy.dtype == preset.rollout.dtype == "bfloat16"
+    for role in (preset.policy, preset.rollout, preset.reward):
+        assert role.resources.num_gpus == 1 and role.resources.num_actors == 8

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from align.actors import ActorResources
 from align.data import load_rows, tokenize_pairs
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
@@ -132,7 +133,8 @@ def test_verifier_worker_matches_check_task(rm_dir, ray_session):
     _, pairs_file = rm_dir
     requests, _ = requests_from_pairs(pairs_file, per_family=2)
     expected = [check_task(r.task, r.response) for r in requests]
-    with RewardWorkerGroup(RewardWorkerArgs(verifiers=("task",), num_actors=2, num_cpus=0.5)) as group:
+    args = RewardWorkerArgs(verifiers=("task",), resources=ActorResources(num_actors=2, num_cpus=0.5))
+    with RewardWorkerGroup(args) as group:
         scored = group.score(requests)
         assert group.score([]).reward.shape == (0,)
     assert scored.model_score is None
@@ -149,7 +151,7 @@ def test_model_worker_scores_and_combined_reward(rm_dir, ray_session):
     requests, _ = requests_from_pairs(pairs_file, per_family=2)
     requests.append(RewardRequest("What is 2 + 3?", "\\boxed{5}", {"family": "arithmetic", "answer": "5"}))
     args = RewardWorkerArgs(model_path=str(rm), verifiers=("task",), model_weight=0.5, verifier_weight=2.0,
-                            model_score_norm="batch", num_cpus=0.5, batch_tokens=256)
+                            model_score_norm="batch", resources=ActorResources(num_cpus=0.5), batch_tokens=256)
     with RewardWorkerGroup(args) as group:
         scored = group.score(requests)
     expected = expected_scores(rm, requests)
@@ -169,8 +171,8 @@ def test_zero3_two_ranks_equal_one_process_and_partition(rm_dir, ray_session):
     # Rank 0's slice is all long conversations, rank 1's short ones: with 300-token chunks the ranks need
     # different numbers of forward calls, which the dummy calls must even out (else the gathers would hang).
     requests = sorted(requests, key=lambda r: -len(r.response))
-    args = RewardWorkerArgs(model_path=str(rm), num_actors=2, num_cpus=0.5, zero3=True, batch_tokens=300,
-                            collective_timeout_s=120)
+    args = RewardWorkerArgs(model_path=str(rm), resources=ActorResources(num_actors=2, num_cpus=0.5), zero3=True,
+                            batch_tokens=300, collective_timeout_s=120)
     with RewardWorkerGroup(args) as group:
         scored = group.score(requests)
         single = group.score(requests[:1])  # rank 1 gets nothing and only follows rank 0's calls

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align.actors import ActorResources
 from align.model import load_pretrained
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
@@ -184,7 +185,7 @@ def rollout(tiny_dir):
     ray = pytest.importorskip("ray")
     pytest.importorskip("vllm")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    args = RolloutWorkerArgs(model_path=str(tiny_dir), num_actors=2, num_cpus=1.0, max_model_len=256,
+    args = RolloutWorkerArgs(model_path=str(tiny_dir), resources=ActorResources(num_actors=2), max_model_len=256,
                              kv_cache_memory_bytes=32 * 2**20)
     group = RolloutWorkerGroup(args)
     state = {"group": group, "policy": load_pretrained(tiny_dir), "version": 0}
@@ -244,6 +245,17 @@ def test_actors_split_prompts_in_order_with_our_logprobs(rollout):
     vllm_logprobs, mask = batch.padded_logprobs()
     gap = logprob_gap(ours, vllm_logprobs, mask)
     assert gap["tokens"].item() == 15 * 12 and gap["max_abs"].item() < TOLERANCE
+
+
+@pytest.mark.slow
+def test_seeded_batch_larger_than_one_engine_step(rollout):
+    """Regression: 60 seeded prompts of 200 tokens (6,000 prefill tokens per actor, more than one engine step's
+    4,096) are sampled; vLLM 0.32 on the CPU crashed splitting a seeded prompt's prefill across steps ('CPU
+    Generator does not use offset'), so the rollout actors prefill whole prompts there."""
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(200)] for i in range(60)]
+    sampling = RolloutSampling(n=1, temperature=1.0, max_tokens=2, seed=5, ignore_eos=True)
+    batch = rollout["group"].generate(prompts, sampling, rollout["version"])
+    assert [len(c) for c in batch.completion_token_ids] == [2] * 60
 
 
 @pytest.mark.slow

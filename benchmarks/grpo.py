@@ -1,0 +1,373 @@
+"""GRPO step time and generation throughput: `recipes/grpo.py` against TRL's `GRPOTrainer` on the same job, our
+rollout actors against raw `vllm.LLM.generate`, and the weight sync's share of a step.
+
+The same job on both trainers: the same model directory (the embedded default's SFT model when it is built, else
+the tiny architecture with random weights; --model-path for another), the same RL prompts (the first --queries x
+steps rows of its data/prompts.jsonl, in order), 8 completions per query, exactly --completion-tokens tokens per
+completion (ours: `ignore_eos`; TRL: `min_new_tokens`), temperature 1, the task verifier as the only reward, one
+policy update per rollout batch (TRL: `num_iterations=1`, `steps_per_generation=1`), token-level loss (DAPO) with
+clip 0.2 / 0.28, no KL term and no reference model, AdamW (lr 1e-6, betas 0.9 / 0.99, no weight decay, grad norm
+1.0, constant LR), float32, the same threads.
+
+Each side its own way:
+- ours: the real recipe in a subprocess: a vLLM rollout actor (in-process engine), the reward actor, a one-rank
+  ZeRO-3 policy actor, weights synced to vLLM after every update; every queried group trained (zero-variance
+  groups kept, as TRL keeps them: `--scheduler-zero-variance deprioritize`, uniform order).
+- TRL: `GRPOTrainer` with its default generation (transformers' `generate` on the training model, padded
+  batches). TRL's vLLM colocate mode fails on this CPU (it loads weights with `model.load_weights`, which vLLM's
+  CPU backend rejects), so its vLLM paths are not compared here.
+
+Measured, skipping the first WARMUP_STEPS steps: seconds per step (ours: the recipe's `seconds_step`, the wall
+time of one loop iteration: rollout, reward, train, sync; TRL: a `TrainerCallback` from on_step_begin to
+on_step_end, which covers its generation, reward, loss, backward and optimizer step) and generated tokens per
+second of step time. Start-up (Ray, engines, the trainer's constructor) is reported apart.
+
+Rollout against raw vLLM: the same requests (Q prompts x 8 samples x --completion-tokens tokens, per-prompt
+seeds, log-probs of the sampled tokens) through our `RolloutWorkerGroup` (one actor) and through `vllm.LLM.generate`
+in a plain process with the same engine settings; best of --repeats calls each. Target: within 10%.
+Weight sync: the recipe's `seconds_sync` over `seconds_step`. Target: < 5%.
+
+    python benchmarks/grpo.py [--quick] [--steps 6] [--queries 16] [--completion-tokens 128] [--model-path DIR]
+"""
+
+# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this file's directory heads sys.path and `import reward` would find benchmarks/reward.py, not
+# the reward package: leave the directory out (sft.py is loaded by path).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "grpo.py"
+WARMUP_STEPS = 1
+"""Steps left out of the averages on both sides (allocator warm-up, first-call kernel selection)."""
+GROUP = 8
+LR = 1e-6
+MAX_MODEL_LEN = 1024
+KV_CACHE_BYTES = 256 * 2**20
+
+
+def sft_benchmark():
+    """benchmarks/sft.py: its process runner, idle wait and contention accounting are reused as they are."""
+    name = "benchmarks_sft"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "sft.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def prompt_ids(model_path: str, rows: list[dict]) -> list[list[int]]:
+    from align.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    encoded = [tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True) for r in rows]
+    return [list(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]
+
+
+# --- workers (each in its own subprocess) ---------------------------------------------------------------------------
+
+
+def run_trl(model_path: str, prompts_path: str, output_dir: str, steps: int, queries: int, tokens: int,
+            threads: int) -> dict:
+    """TRL's GRPOTrainer on the same prompts, verifier reward and update rule, timed per optimizer step."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reward.verifiers import check_task
+
+    torch.set_num_threads(threads)
+
+    class StepMeter(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._tic = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._tic = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._tic)
+
+    lengths: list[int] = []
+
+    def task_reward(prompts, completions, completion_ids, family, answer, tests, entry_point, **_) -> list[float]:
+        lengths.extend(len(c) for c in completion_ids)
+        return [float(check_task({"family": f, "answer": a, "tests": t, "entry_point": e},
+                                 c[0]["content"]).passed)
+                for c, f, a, t, e in zip(completions, family, answer, tests, entry_point, strict=True)]
+
+    rows = datasets.load_dataset("json", data_files=prompts_path, split="train")
+    meter = StepMeter()
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = GRPOConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=queries * GROUP, num_generations=GROUP,
+        steps_per_generation=1, num_iterations=1, max_completion_length=tokens,
+        generation_kwargs={"min_new_tokens": tokens}, temperature=1.0, beta=0.0, loss_type="dapo", epsilon=0.2,
+        epsilon_high=0.28, learning_rate=LR, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=False, use_cpu=True, bf16=False,
+        logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
+    tic = time.perf_counter()
+    trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=config, train_dataset=rows,
+                          processing_class=tokenizer, callbacks=[meter])
+    setup_s = time.perf_counter() - tic
+    trainer.train()
+    return {"step_s": meter.seconds, "completion_lengths": lengths, "setup_s": setup_s,
+            "torch_threads": torch.get_num_threads()}
+
+
+def sampling_requests(tokens: int):
+    from rollout.vllm_worker import RolloutSampling
+
+    return RolloutSampling(n=GROUP, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=17)
+
+
+def run_rollout_actor(model_path: str, prompts: list[list[int]], tokens: int, repeats: int, threads: int) -> dict:
+    """Our RolloutWorkerGroup (one actor, `threads` torch threads) on the requests: seconds per call."""
+    import ray
+
+    from align.actors import ActorResources
+    from rollout.vllm_worker import RolloutWorkerArgs, RolloutWorkerGroup
+
+    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    group = RolloutWorkerGroup(RolloutWorkerArgs(
+        model_path=model_path, resources=ActorResources(num_cpus=threads, torch_threads=threads),
+        max_model_len=MAX_MODEL_LEN, kv_cache_memory_bytes=KV_CACHE_BYTES))
+    sampling = sampling_requests(tokens)
+    seconds = []
+    for _ in range(repeats + 1):  # the first call warms up
+        tic = time.perf_counter()
+        batch = group.generate(prompts, sampling, policy_version=0)
+        seconds.append(time.perf_counter() - tic)
+    group.close()
+    ray.shutdown()
+    return {"call_s": seconds[1:], "tokens": sum(len(c) for c in batch.completion_token_ids)}
+
+
+def run_raw_vllm(model_path: str, prompts: list[list[int]], tokens: int, repeats: int, threads: int) -> dict:
+    """vllm.LLM.generate in this process, the engine configured as our actors configure theirs."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    torch.set_num_threads(threads)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rollout.vllm_worker import sample_seed
+
+    llm = LLM(model=model_path, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+              kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0, logprobs_mode="processed_logprobs",
+              enable_chunked_prefill=False, max_num_batched_tokens=max(MAX_MODEL_LEN, 4096))
+    sampling = sampling_requests(tokens)
+    params = [SamplingParams(n=GROUP, temperature=1.0, max_tokens=tokens, ignore_eos=True, logprobs=0,
+                             seed=sample_seed(sampling.seed, i)) for i in range(len(prompts))]
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    seconds = []
+    for _ in range(repeats + 1):
+        tic = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - tic)
+    return {"call_s": seconds[1:], "tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)}
+
+
+def worker(spec: dict) -> None:
+    kind = spec.pop("kind")
+    result = {"trl": run_trl, "rollout_actor": run_rollout_actor, "raw_vllm": run_raw_vllm}[kind](**spec)
+    print("RESULT " + json.dumps(result))
+
+
+# --- the driver -----------------------------------------------------------------------------------------------------
+
+
+def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int, queries: int, tokens: int,
+             threads: int, max_wait: float) -> dict:
+    """The real recipe in a subprocess, its per-step clocks read from metrics.jsonl."""
+    bench = sft_benchmark()
+    command = [
+        sys.executable, str(RECIPE), "--policy-model-path", str(model_path), "--data-prompts-path",
+        str(prompts_path), "--data-eval-path", "none", "--no-default-reward-model", "--output-dir", str(output_dir),
+        "--steps", str(steps), "--queries-per-step", str(queries), "--rollout-n", str(GROUP),
+        "--rollout-max-tokens", str(tokens), "--rollout-ignore-eos", "--rollout-max-model-len", str(MAX_MODEL_LEN),
+        "--rollout-resources-torch-threads", str(threads), "--policy-resources-torch-threads", str(threads),
+        "--reward-resources-torch-threads", str(threads), "--policy-lr", str(LR), "--policy-betas", "0.9,0.99",
+        "--loss-epsilon-low", "0.2", "--loss-epsilon-high", "0.28", "--loss-kl-beta", "0",
+        "--scheduler-order", "uniform", "--scheduler-zero-variance", "deprioritize", "--save-every", "0",
+    ]
+    tic = time.perf_counter()
+    _, stats = bench.run_process(command, threads, max_wait)
+    wall = time.perf_counter() - tic
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    if len(records) != steps:
+        raise RuntimeError(f"the recipe logged {len(records)} steps, expected {steps}")
+    return {**stats, "step_s": [r["seconds_step"] for r in records],
+            "sync_s": [r["seconds_sync"] for r in records], "rollout_s": [r["seconds_rollout"] for r in records],
+            "train_s": [r["seconds_train"] for r in records], "reward_s": [r["seconds_reward"] for r in records],
+            "completion_lengths_mean": [r["response_length"] for r in records],
+            "trained_samples": [r["trained_samples"] for r in records],
+            "setup_s": wall - sum(r["seconds_step"] for r in records), "command": " ".join(command[1:])}
+
+
+def in_subprocess(spec: dict, threads: int, max_wait: float) -> dict:
+    stdout, stats = sft_benchmark().run_process([sys.executable, __file__, "--worker", json.dumps(spec)], threads,
+                                                max_wait)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"benchmark case {spec['kind']} printed no result")
+    return {**json.loads(lines[-1][len("RESULT "):]), **stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{WARMUP_STEPS + 2} steps, 4 queries (a smoke run)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer, warm-up included")
+    parser.add_argument("--queries", type=int, default=16, help="queries per step (x 8 completions)")
+    parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion, exactly")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of the rollout comparison")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--model-path", help="HF model directory with data/prompts.jsonl (default: see above)")
+    parser.add_argument("--max-wait", type=float, default=120.0,
+                        help="seconds to wait before each run for other processes to leave the cores (0: never)")
+    parser.add_argument("--output", default="benchmarks/results/grpo.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    steps, queries = (WARMUP_STEPS + 2, 4) if args.quick else (args.steps, args.queries)
+    if steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    bench = sft_benchmark()
+    tokens, threads = args.completion_tokens, args.threads
+
+    load = {"start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
+        tmp = Path(tmp)
+        model_path, model_note = choose_model(args.model_path, tmp)
+        rows = [json.loads(line) for line in (model_path / "data" / "prompts.jsonl").read_text().splitlines()]
+        rows = rows[:steps * queries]
+        prompts_path = tmp / "prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+        runs = {"ours": run_ours(model_path, prompts_path, tmp / "ours", steps, queries, tokens, threads,
+                                 args.max_wait)}
+        print_run("ours", runs["ours"])
+        runs["trl"] = in_subprocess(dict(kind="trl", model_path=str(model_path), prompts_path=str(prompts_path),
+                                         output_dir=str(tmp / "trl"), steps=steps, queries=queries, tokens=tokens,
+                                         threads=threads), threads, args.max_wait)
+        print_run("trl", runs["trl"])
+        requests = prompt_ids(str(model_path), rows[:queries])
+        rollout = {kind: in_subprocess(dict(kind=kind, model_path=str(model_path), prompts=requests, tokens=tokens,
+                                            repeats=args.repeats, threads=threads), threads, args.max_wait)
+                   for kind in ("rollout_actor", "raw_vllm")}
+    load["end"] = os.getloadavg()
+
+    summary = summarise(runs, rollout, queries, tokens)
+    table = markdown_table(summary)
+    print("\n" + table)
+    # Ray's actors are not the driver's children, so their CPU counts as "foreign": only the one-process runs
+    # (TRL, raw vLLM) are checked for other load; every run starts on an idle machine (max_wait).
+    warnings = [f"{name}: other processes used {run['foreign_cores']:.2f} cores on average while it ran; rerun on "
+                "an idle machine" for name, run in (("trl", runs["trl"]), ("raw_vllm", rollout["raw_vllm"]))
+                if run["foreign_cores"] > bench.BUSY_CORES]
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    report = {
+        "benchmark": "grpo", "date": time.strftime("%Y-%m-%d"), "machine": bench.machine_description(threads),
+        "load_average_1_5_15": load, "warnings": warnings, "model": model_note, "steps": steps,
+        "warmup_steps_skipped": WARMUP_STEPS, "queries_per_step": queries, "completions_per_query": GROUP,
+        "completion_tokens": tokens,
+        "peer": f"trl {bench.package_version('trl')} GRPOTrainer, default generation (transformers "
+                f"{bench.package_version('transformers')} generate; TRL's vLLM colocate mode fails on the CPU)",
+        "ours_command": runs["ours"]["command"], "summary": summary, "table": table,
+        "per_step": {name: run["step_s"] for name, run in runs.items()},
+        "rollout_calls": {name: run["call_s"] for name, run in rollout.items()},
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {output}")
+
+
+def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, str]:
+    """--model-path, else the embedded default's SFT model if this machine has built it, else the tiny
+    architecture with random weights (speed does not depend on what the weights know: lengths are fixed)."""
+    if model_path:
+        return Path(model_path).resolve(), model_path
+    from align.defaults import cache_dir, stage_name
+
+    cached = cache_dir() / stage_name("sft", 0) / "final"
+    if (cached / "config.json").is_file():
+        return cached, f"embedded default SFT model ({stage_name('sft', 0)})"
+    from align.tiny import build_tiny
+
+    return build_tiny(tmp / "model", seed=0), "embedded tiny architecture, random weights (seed 0)"
+
+
+def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
+    generated = queries * GROUP * tokens
+    summary = {}
+    for name, run in runs.items():
+        step_s = statistics.mean(run["step_s"][WARMUP_STEPS:])
+        summary[name] = {"step_s": step_s, "generated_tokens_per_s": generated / step_s,
+                         "setup_s": run["setup_s"], "foreign_cores": run["foreign_cores"]}
+    ours = runs["ours"]
+    timed = slice(WARMUP_STEPS, None)
+    summary["ours"].update(
+        sync_share=sum(ours["sync_s"][timed]) / sum(ours["step_s"][timed]),
+        phase_share={phase: sum(ours[f"{phase}_s"][timed]) / sum(ours["step_s"][timed])
+                     for phase in ("rollout", "reward", "train", "sync")})
+    for name, run in rollout.items():
+        summary[name] = {"call_s": min(run["call_s"]), "tokens_per_s": run["tokens"] / min(run["call_s"]),
+                         "tokens": run["tokens"], "foreign_cores": run["foreign_cores"]}
+    summary["ratios"] = {
+        "step_speedup_over_trl": summary["trl"]["step_s"] / summary["ours"]["step_s"],
+        "rollout_over_raw_vllm": summary["rollout_actor"]["tokens_per_s"] / summary["raw_vllm"]["tokens_per_s"],
+    }
+    return summary
+
+
+def markdown_table(s: dict) -> str:
+    ours, trl, ratios = s["ours"], s["trl"], s["ratios"]
+    actor, raw = s["rollout_actor"], s["raw_vllm"]
+    lines = [
+        "| GRPO | ours | TRL GRPOTrainer | ours / TRL |",
+        "|---|---:|---:|---:|",
+        f"| seconds per step | {ours['step_s']:.2f} | {trl['step_s']:.2f} | {ratios['step_speedup_over_trl']:.2f}x "
+        "faster |",
+        f"| generated tokens/s | {ours['generated_tokens_per_s']:.0f} | {trl['generated_tokens_per_s']:.0f} | "
+        f"{ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f}x |",
+        f"| start-up s | {ours['setup_s']:.1f} | {trl['setup_s']:.1f} | |",
+        "",
+        "| rollout, same requests | our RolloutWorkerGroup | raw vllm.LLM.generate | ours / raw |",
+        "|---|---:|---:|---:|",
+        f"| tokens/s (best call) | {actor['tokens_per_s']:.0f} | {raw['tokens_per_s']:.0f} | "
+        f"{ratios['rollout_over_raw_vllm']:.3f} |",
+        "",
+        "| our step, share of wall time | rollout | reward | train | weight sync |",
+        "|---|---:|---:|---:|---:|",
+        "| | " + " | ".join(f"{100 * ours['phase_share'][p]:.1f}%" for p in ("rollout", "reward", "train", "sync"))
+        + " |",
+    ]
+    return "\n".join(lines)
+
+
+def print_run(name: str, run: dict) -> None:
+    print(f"{name}: {len(run['step_s'])} steps, {statistics.mean(run['step_s'][WARMUP_STEPS:]):.2f} s per step "
+          f"after warm-up (other processes used {run['foreign_cores']:.2f} cores meanwhile)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
