@@ -255,8 +255,8 @@ def main() -> None:
     load = {"start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         tmp = Path(tmp)
-        model_path, model_note = choose_model(args.model_path, tmp)
-        rows = [json.loads(line) for line in (model_path / "data" / "prompts.jsonl").read_text().splitlines()]
+        model_path, source, model_note = choose_model(args.model_path, tmp)
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
         rows = rows[:steps * queries]
         prompts_path = tmp / "prompts.jsonl"
         prompts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -301,19 +301,21 @@ def main() -> None:
     print(f"\nwrote {output}")
 
 
-def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, str]:
-    """--model-path, else the embedded default's SFT model if this machine has built it, else the tiny
-    architecture with random weights (speed does not depend on what the weights know: lengths are fixed)."""
+def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, Path, str]:
+    """(model directory, prompt rows, description): --model-path with its data/prompts.jsonl; else the embedded
+    default's SFT model with its base's prompts if this machine has built them; else the tiny architecture with
+    random weights (speed does not depend on what the weights know: completion lengths are fixed)."""
     if model_path:
-        return Path(model_path).resolve(), model_path
+        return Path(model_path).resolve(), Path(model_path) / "data" / "prompts.jsonl", model_path
     from align.defaults import cache_dir, stage_name
 
-    cached = cache_dir() / stage_name("sft", 0) / "final"
-    if (cached / "config.json").is_file():
-        return cached, f"embedded default SFT model ({stage_name('sft', 0)})"
+    sft, base = (cache_dir() / stage_name(stage, 0) for stage in ("sft", "base"))
+    if (sft / "final" / "config.json").is_file() and (base / "data" / "prompts.jsonl").is_file():
+        return sft / "final", base / "data" / "prompts.jsonl", f"embedded default SFT model ({sft.name})"
     from align.tiny import build_tiny
 
-    return build_tiny(tmp / "model", seed=0), "embedded tiny architecture, random weights (seed 0)"
+    tiny = build_tiny(tmp / "model", seed=0)
+    return tiny, tiny / "data" / "prompts.jsonl", "embedded tiny architecture, random weights (seed 0)"
 
 
 def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
