@@ -430,3 +430,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     if not (path / _CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path / _CONFIG_FILE}: missing; a tokenizer directory needs it")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, conversations: Iterable[list[dict]]) -> list[list[int]]:
+    """Token ids of each conversation rendered with the chat template and the assistant turn opened, as the rollout
+    engines take them. (transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True), 4 a list.)"""
+    encoded = (tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+               for messages in conversations)
+    return [list(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]

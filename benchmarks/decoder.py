@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import in_subprocess, machine_description, print_result, write_report
 
 from align.model import PackedLayout, Qwen2Config, Qwen2ForCausalLM, token_logprobs
 from align.tiny import TINY_MODEL_CONFIG
@@ -145,18 +141,7 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec.pop("threads"))
     kind = spec.pop("kind")
     result = run_training_case(**spec) if kind == "train" else run_logprob_case(**spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
-
-
-def in_subprocess(spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    print_result(result)
 
 
 def main() -> None:
@@ -182,8 +167,9 @@ def main() -> None:
         results = {}
         for _ in range(args.repeats):
             for system in ("ours", "transformers"):
-                result = in_subprocess(dict(kind="train", system=system, model_name=model_name, dtype=dtype,
-                                            tokens=tokens, steps=steps, threads=args.threads))
+                spec = dict(kind="train", system=system, model_name=model_name, dtype=dtype, tokens=tokens,
+                            steps=steps, threads=args.threads)
+                result = in_subprocess(__file__, spec, args.threads)
                 if system not in results or result["tokens_per_s"] > results[system]["tokens_per_s"]:
                     results[system] = result
         ours, theirs = results["ours"], results["transformers"]
@@ -200,7 +186,8 @@ def main() -> None:
     # 4096 tokens: full float32 logits and their gradient take ~10 GB here, the 1024-token chunks a few.
     tokens, steps = (512, 1) if args.quick else (4096, 1)
     results = {
-        system: in_subprocess(dict(kind="logprob", system=system, tokens=tokens, steps=steps, threads=args.threads))
+        system: in_subprocess(__file__, dict(kind="logprob", system=system, tokens=tokens, steps=steps,
+                                             threads=args.threads), args.threads)
         for system in ("chunked", "full")
     }
     rows.append({
@@ -218,9 +205,7 @@ def main() -> None:
         "peer": "transformers Qwen2ForCausalLM (sdpa, padded batch); full-logits log_softmax for log-probs",
         "rows": rows,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
 
 
 def print_row(row: dict) -> None:
@@ -240,10 +225,6 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['ours_peak_mb']:.0f} | {r['peer_peak_mb']:.0f} | {padding} |"
         )
     return "\n".join(lines)
-
-
-def machine_description(threads: int) -> str:
-    return f"{platform.machine()}, {threads} threads, torch {torch.__version__}, {platform.python_version()}"
 
 
 if __name__ == "__main__":

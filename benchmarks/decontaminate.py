@@ -26,15 +26,14 @@ on a random sample of pairs and extrapolated to all pairs (marked "extrapolated"
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from harness import write_report
 
 from align.data.decontaminate import lcs_length, required_lcs, scan
 
@@ -217,9 +216,7 @@ def main() -> None:
                  "seed": args.seed},
         "rows": rows, "stages": stages, "planted": plant_rows, "random_pairs_checked": checked,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
 
 
 def duration(seconds: float) -> str:

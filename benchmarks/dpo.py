@@ -32,11 +32,9 @@ the cores distort the comparison (see benchmarks/sft.py); the script waits for a
     python benchmarks/dpo.py [--quick] [--steps 16] [--pairs-per-step 16] [--model-path DIR] [--output FILE.json]
 """
 
-# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -44,14 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's directory heads sys.path and `import reward` (align.evaluate imports reward.verifiers)
-# would find benchmarks/reward.py, not the reward package: leave the directory out (sft.py is loaded by path).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-
 import torch
+from harness import (
+    BUSY_CORES,
+    REPO,
+    in_subprocess,
+    load_script,
+    machine_description,
+    package_version,
+    print_result,
+    run_process,
+    write_report,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "dpo.py"
 WARMUP_STEPS = 2
 """Steps left out of the averages on every side (allocator warm-up, first-call kernel selection)."""
@@ -61,22 +64,8 @@ MAX_LENGTH = 512
 truncate them)."""
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def sft_benchmark():
-    """benchmarks/sft.py: its process runner, idle wait and contention accounting are reused as they are."""
-    return _load("benchmarks_sft", REPO / "benchmarks" / "sft.py")
-
-
 def load_recipe():
-    return _load("dpo_recipe", RECIPE)
+    return load_script("dpo_recipe", RECIPE)
 
 
 # --- workers (each in its own subprocess) ---------------------------------------------------------------------------
@@ -136,7 +125,7 @@ def run_trl(model_path: str, data_path: str, output_dir: str, settings: dict, th
 def worker(spec: dict) -> None:
     kind = spec.pop("kind")
     result = {"trl": run_trl}[kind](**spec)
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 # --- driver ---------------------------------------------------------------------------------------------------------
@@ -187,14 +176,13 @@ def write_pairs(model_path: Path, out: Path, count: int) -> dict:
 def run_ours(model_path: Path, data_path: Path, output_dir: Path, steps: int, micro_batch_tokens: int,
              threads: int, max_wait: float) -> dict:
     """The real recipe in a subprocess, one packed micro-batch per optimizer step."""
-    bench = sft_benchmark()
     command = [
         sys.executable, str(RECIPE), "--model-path", str(model_path), "--data-path", str(data_path),
         "--output-dir", str(output_dir), "--max-steps", str(steps), "--log-every", "1", "--save-every", "0",
         "--optim-epochs", "1", "--optim-grad-accum", "1", "--data-max-length", str(MAX_LENGTH),
         "--data-micro-batch-tokens", str(micro_batch_tokens), "--loss-beta", str(BETA), "--ref-mode", "stored",
     ]
-    stdout, stats = bench.run_process(command, threads, max_wait)
+    stdout, stats = run_process(command, threads, max_wait)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     ref_line = next((line for line in stdout.splitlines() if "reference log-probs:" in line and "scored" in line), "")
     return {
@@ -257,7 +245,6 @@ def main() -> None:
     steps = WARMUP_STEPS + 2 if args.quick else args.steps
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
-    bench = sft_benchmark()
 
     load = {"start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
@@ -276,14 +263,9 @@ def main() -> None:
                                  args.max_wait)}
         print_run("ours", runs["ours"])
         settings = trl_settings(steps, args.pairs_per_step)
-        stdout, stats = bench.run_process(
-            [sys.executable, __file__, "--worker", json.dumps(dict(
-                kind="trl", model_path=str(model_path), data_path=str(data_path), output_dir=str(tmp / "trl"),
-                settings=settings, threads=args.threads))], args.threads, args.max_wait)
-        result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        if not result:
-            raise RuntimeError("the TRL run printed no result")
-        runs["trl"] = {**json.loads(result[-1][len("RESULT "):]), **stats}
+        runs["trl"] = in_subprocess(__file__, dict(
+            kind="trl", model_path=str(model_path), data_path=str(data_path), output_dir=str(tmp / "trl"),
+            settings=settings, threads=args.threads), args.threads, args.max_wait)
         print_run(PEER, runs["trl"])
     load["end"] = os.getloadavg()
 
@@ -295,18 +277,18 @@ def main() -> None:
     print(f"\nload average {load['start'][0]:.2f} -> {load['end'][0]:.2f}; ours: {runs['ours']['reference_scoring']}; "
           f"TRL prepare (tokenize + reference log-probs) {runs['trl']['prepare_s']:.1f} s")
     warnings = [f"{name}: other processes used {s['foreign_cores']:.2f} cores on average while it ran; rerun on an "
-                "idle machine" for name, s in summary.items() if s["foreign_cores"] > bench.BUSY_CORES]
+                "idle machine" for name, s in summary.items() if s["foreign_cores"] > BUSY_CORES]
     if not runs["trl"]["precomputed"]:
         warnings.append("TRL did not precompute the reference log-probs")
     for warning in warnings:
         print(f"WARNING: {warning}")
     report = {
-        "benchmark": "dpo", "date": time.strftime("%Y-%m-%d"), "machine": bench.machine_description(args.threads),
+        "benchmark": "dpo", "date": time.strftime("%Y-%m-%d"), "machine": machine_description(args.threads),
         "load_average_1_5_15": load, "warnings": warnings, "steps": steps, "warmup_steps_skipped": WARMUP_STEPS,
         "pairs_per_step_asked": args.pairs_per_step, "ours_micro_batch_tokens": micro_batch_tokens, "data": data,
         "model": str(args.model_path or "embedded tiny default architecture (random weights, seed 0)"),
         "throughput": "total pairs (and real tokens) / total time over the timed steps",
-        "peer": f"trl {bench.package_version('trl')} DPOTrainer, transformers {bench.package_version('transformers')} "
+        "peer": f"trl {package_version('trl')} DPOTrainer, transformers {package_version('transformers')} "
                 "Qwen2ForCausalLM (sdpa, right-padded batches; TRL 1.16's padding_free falls back to padding)",
         "trl_settings": settings, "trl_padding_free": runs["trl"]["padding_free"],
         "trl_precomputed_ref_logps": runs["trl"]["precomputed"], "trl_prepare_s": runs["trl"]["prepare_s"],
@@ -315,9 +297,7 @@ def main() -> None:
         "per_step": {name: {k: run[k] for k in ("step_s", "step_pairs", "step_tokens")} for name, run in runs.items()},
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_report(output, report)
 
 
 def print_run(name: str, run: dict) -> None:

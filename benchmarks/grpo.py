@@ -30,11 +30,9 @@ Weight sync: the recipe's `seconds_sync` over `seconds_step`. Target: < 5%.
     python benchmarks/grpo.py [--quick] [--steps 6] [--queries 16] [--completion-tokens 128] [--model-path DIR]
 """
 
-# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -43,14 +41,18 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's directory heads sys.path and `import reward` would find benchmarks/reward.py, not
-# the reward package: leave the directory out (sft.py is loaded by path).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-
 import torch
+from harness import (
+    BUSY_CORES,
+    REPO,
+    in_subprocess,
+    machine_description,
+    package_version,
+    print_result,
+    run_process,
+    write_report,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "grpo.py"
 WARMUP_STEPS = 1
 """Steps left out of the averages on both sides (allocator warm-up, first-call kernel selection)."""
@@ -60,23 +62,10 @@ MAX_MODEL_LEN = 1024
 KV_CACHE_BYTES = 256 * 2**20
 
 
-def sft_benchmark():
-    """benchmarks/sft.py: its process runner, idle wait and contention accounting are reused as they are."""
-    name = "benchmarks_sft"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "sft.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def prompt_ids(model_path: str, rows: list[dict]) -> list[list[int]]:
-    from align.tokenizer import load_tokenizer
+    from align.tokenizer import generation_prompt_ids, load_tokenizer
 
-    tokenizer = load_tokenizer(model_path)
-    encoded = [tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True) for r in rows]
-    return [list(e["input_ids"] if hasattr(e, "keys") else e) for e in encoded]
+    return generation_prompt_ids(load_tokenizer(model_path), (r["prompt"] for r in rows))
 
 
 # --- workers (each in its own subprocess) ---------------------------------------------------------------------------
@@ -187,7 +176,7 @@ def run_raw_vllm(model_path: str, prompts: list[list[int]], tokens: int, repeats
 def worker(spec: dict) -> None:
     kind = spec.pop("kind")
     result = {"trl": run_trl, "rollout_actor": run_rollout_actor, "raw_vllm": run_raw_vllm}[kind](**spec)
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 # --- the driver -----------------------------------------------------------------------------------------------------
@@ -196,7 +185,6 @@ def worker(spec: dict) -> None:
 def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int, queries: int, tokens: int,
              threads: int, max_wait: float) -> dict:
     """The real recipe in a subprocess, its per-step clocks read from metrics.jsonl."""
-    bench = sft_benchmark()
     command = [
         sys.executable, str(RECIPE), "--policy-model-path", str(model_path), "--data-prompts-path",
         str(prompts_path), "--data-eval-path", "none", "--no-default-reward-model", "--output-dir", str(output_dir),
@@ -208,7 +196,7 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
         "--scheduler-order", "uniform", "--scheduler-zero-variance", "deprioritize", "--save-every", "0",
     ]
     tic = time.perf_counter()
-    _, stats = bench.run_process(command, threads, max_wait)
+    _, stats = run_process(command, threads, max_wait)
     wall = time.perf_counter() - tic
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     if len(records) != steps:
@@ -219,15 +207,6 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
             "completion_lengths_mean": [r["response_length"] for r in records],
             "trained_samples": [r["trained_samples"] for r in records],
             "setup_s": wall - sum(r["seconds_step"] for r in records), "command": " ".join(command[1:])}
-
-
-def in_subprocess(spec: dict, threads: int, max_wait: float) -> dict:
-    stdout, stats = sft_benchmark().run_process([sys.executable, __file__, "--worker", json.dumps(spec)], threads,
-                                                max_wait)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"benchmark case {spec['kind']} printed no result")
-    return {**json.loads(lines[-1][len("RESULT "):]), **stats}
 
 
 def main() -> None:
@@ -249,7 +228,6 @@ def main() -> None:
     steps, queries = (WARMUP_STEPS + 2, 4) if args.quick else (args.steps, args.queries)
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
-    bench = sft_benchmark()
     tokens, threads = args.completion_tokens, args.threads
 
     load = {"start": os.getloadavg()}
@@ -264,13 +242,14 @@ def main() -> None:
         runs = {"ours": run_ours(model_path, prompts_path, tmp / "ours", steps, queries, tokens, threads,
                                  args.max_wait)}
         print_run("ours", runs["ours"])
-        runs["trl"] = in_subprocess(dict(kind="trl", model_path=str(model_path), prompts_path=str(prompts_path),
-                                         output_dir=str(tmp / "trl"), steps=steps, queries=queries, tokens=tokens,
-                                         threads=threads), threads, args.max_wait)
+        trl = dict(kind="trl", model_path=str(model_path), prompts_path=str(prompts_path), output_dir=str(tmp / "trl"),
+                   steps=steps, queries=queries, tokens=tokens, threads=threads)
+        runs["trl"] = in_subprocess(__file__, trl, threads, args.max_wait)
         print_run("trl", runs["trl"])
         requests = prompt_ids(str(model_path), rows[:queries])
-        rollout = {kind: in_subprocess(dict(kind=kind, model_path=str(model_path), prompts=requests, tokens=tokens,
-                                            repeats=args.repeats, threads=threads), threads, args.max_wait)
+        rollout = {kind: in_subprocess(__file__, dict(kind=kind, model_path=str(model_path), prompts=requests,
+                                                      tokens=tokens, repeats=args.repeats, threads=threads),
+                                       threads, args.max_wait)
                    for kind in ("rollout_actor", "raw_vllm")}
     load["end"] = os.getloadavg()
 
@@ -281,24 +260,22 @@ def main() -> None:
     # (TRL, raw vLLM) are checked for other load; every run starts on an idle machine (max_wait).
     warnings = [f"{name}: other processes used {run['foreign_cores']:.2f} cores on average while it ran; rerun on "
                 "an idle machine" for name, run in (("trl", runs["trl"]), ("raw_vllm", rollout["raw_vllm"]))
-                if run["foreign_cores"] > bench.BUSY_CORES]
+                if run["foreign_cores"] > BUSY_CORES]
     for warning in warnings:
         print(f"WARNING: {warning}")
     report = {
-        "benchmark": "grpo", "date": time.strftime("%Y-%m-%d"), "machine": bench.machine_description(threads),
+        "benchmark": "grpo", "date": time.strftime("%Y-%m-%d"), "machine": machine_description(threads),
         "load_average_1_5_15": load, "warnings": warnings, "model": model_note, "steps": steps,
         "warmup_steps_skipped": WARMUP_STEPS, "queries_per_step": queries, "completions_per_query": GROUP,
         "completion_tokens": tokens,
-        "peer": f"trl {bench.package_version('trl')} GRPOTrainer, default generation (transformers "
-                f"{bench.package_version('transformers')} generate; TRL's vLLM colocate mode fails on the CPU)",
+        "peer": f"trl {package_version('trl')} GRPOTrainer, default generation (transformers "
+                f"{package_version('transformers')} generate; TRL's vLLM colocate mode fails on the CPU)",
         "ours_command": runs["ours"]["command"], "summary": summary, "table": table,
         "per_step": {name: run["step_s"] for name, run in runs.items()},
         "rollout_calls": {name: run["call_s"] for name, run in rollout.items()},
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_report(output, report)
 
 
 def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, Path, str]:

@@ -37,36 +37,33 @@ the cores distort the comparison badly (see `contention_warnings`); the script w
     python benchmarks/sft.py [--quick] [--steps 16] [--tokens 4096] [--model-path DIR] [--output FILE.json]
 """
 
-# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's directory heads sys.path and `import reward` (the recipe's align.evaluate imports
-# reward.verifiers) would find benchmarks/reward.py, not the reward package: leave the directory out.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-
 import torch
+from harness import (
+    BUSY_CORES,
+    REPO,
+    in_subprocess,
+    load_script,
+    machine_description,
+    package_version,
+    print_result,
+    run_process,
+    write_report,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "sft.py"
 WARMUP_STEPS = 2
 """Steps left out of the averages on every side (allocator warm-up, first-call kernel selection)."""
 MATMUL_SIZE = 2048
-IDLE_CORES = 0.3
-"""Before each run, wait (up to --max-wait s) until other processes use fewer cores than this."""
-BUSY_CORES = 0.2
-"""Warn when other processes used more cores than this on average while a system ran."""
 MATMUL_SPREAD = 0.2
 """Warn when the matmul rates measured before and after the runs differ by more than this fraction."""
 PEERS = {"trl": "TRL packed", "trl_padded": "TRL padded"}
@@ -203,7 +200,7 @@ def recipe_plan(model_path: str, data_path: str, steps: int, tokens: int, max_le
 def worker(spec: dict) -> None:
     kind = spec.pop("kind")
     result = {"matmul": run_matmul, "trl": run_trl, "plan": recipe_plan}[kind](**spec)
-    print("RESULT " + json.dumps(result))
+    print_result(result)
 
 
 # --- driver ---------------------------------------------------------------------------------------------------------
@@ -211,57 +208,7 @@ def worker(spec: dict) -> None:
 
 def load_recipe():
     """recipes/sft.py as a module (recipes/ is not a package): its config defaults and its data plan."""
-    if "sft_recipe" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("sft_recipe", RECIPE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["sft_recipe"] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules["sft_recipe"]
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds all processes have used since boot (every /proc/stat field but idle and iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_idle(max_wait: float) -> float:
-    """Wait (at most `max_wait` s) until other processes use less than IDLE_CORES cores; returns the seconds waited."""
-    begin = time.perf_counter()
-    while time.perf_counter() - begin < max_wait:
-        before = busy_cpu_seconds()
-        time.sleep(1.0)
-        if busy_cpu_seconds() - before < IDLE_CORES:
-            break
-    return time.perf_counter() - begin
-
-
-def run_process(command: list[str], threads: int, max_wait: float = 0.0) -> tuple[str, dict]:
-    """Run `command` with `threads` OpenMP/MKL threads once the machine is idle; returns its stdout and stats: peak
-    resident MB, and the cores other processes used on average while it ran (`foreign_cores`)."""
-    waited = wait_for_idle(max_wait) if max_wait else 0.0
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy, tic = busy_cpu_seconds(), time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
-        wall, busy = time.perf_counter() - tic, busy_cpu_seconds() - busy
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    foreign = max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
-    return stdout, {"peak_rss_mb": usage.ru_maxrss / 1024, "foreign_cores": foreign, "waited_for_idle_s": waited}
-
-
-def in_subprocess(spec: dict, threads: int, max_wait: float = 0.0) -> dict:
-    stdout, stats = run_process([sys.executable, __file__, "--worker", json.dumps(spec)], threads, max_wait)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError(f"benchmark case {spec} printed no result")
-    return {**json.loads(lines[-1][len("RESULT "):]), **stats}
+    return load_script("sft_recipe", RECIPE)
 
 
 def run_ours(model_path: Path, data_path: Path, output_dir: Path, steps: int, tokens: int, max_length: int,
@@ -274,8 +221,8 @@ def run_ours(model_path: Path, data_path: Path, output_dir: Path, steps: int, to
     ]
     _, stats = run_process(command, threads, max_wait)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    plan = in_subprocess(dict(kind="plan", model_path=str(model_path), data_path=str(data_path), steps=steps,
-                              tokens=tokens, max_length=max_length), threads)
+    plan = in_subprocess(__file__, dict(kind="plan", model_path=str(model_path), data_path=str(data_path),
+                                        steps=steps, tokens=tokens, max_length=max_length), threads)
     if len(records) != len(plan["step_tokens"]):
         raise RuntimeError(f"recipe logged {len(records)} steps, its plan has {len(plan['step_tokens'])}")
     return {
@@ -345,7 +292,7 @@ def main() -> None:
 
             model_path = build_tiny(tmp / "model", seed=0)
         data_path = model_path / "data" / "sft.jsonl"
-        matmul = {"before": in_subprocess(dict(kind="matmul", threads=args.threads), args.threads, wait)}
+        matmul = {"before": in_subprocess(__file__, dict(kind="matmul", threads=args.threads), args.threads, wait)}
         print(f"matmul fp32 {MATMUL_SIZE}^3: {matmul['before']['gflops_median']:.1f} GFLOP/s", flush=True)
         runs["ours"] = run_ours(model_path, data_path, tmp / "ours", steps, args.tokens, args.max_length,
                                 args.threads, wait)
@@ -353,11 +300,11 @@ def main() -> None:
         batch_size = max(1, round(args.tokens / runs["ours"]["mean_length"]))
         for name in PEERS:
             settings[name] = trl_settings(name, steps, args.tokens, batch_size, args.max_length)
-            runs[name] = in_subprocess(dict(kind="trl", model_path=str(model_path), data_path=str(data_path),
-                                            output_dir=str(tmp / name), settings=settings[name],
-                                            threads=args.threads), args.threads, wait)
+            spec = dict(kind="trl", model_path=str(model_path), data_path=str(data_path), output_dir=str(tmp / name),
+                        settings=settings[name], threads=args.threads)
+            runs[name] = in_subprocess(__file__, spec, args.threads, wait)
             print_run(PEERS[name], runs[name])
-        matmul["after"] = in_subprocess(dict(kind="matmul", threads=args.threads), args.threads, wait)
+        matmul["after"] = in_subprocess(__file__, dict(kind="matmul", threads=args.threads), args.threads, wait)
         flops = flops_per_token(model_path, runs["ours"]["mean_context"])
     load["end"] = os.getloadavg()
 
@@ -401,9 +348,7 @@ def main() -> None:
         },
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_report(output, report)
 
 
 def print_run(name: str, run: dict) -> None:
@@ -445,16 +390,6 @@ def markdown_table(summary: dict) -> str:
         ratios = [f"{ours[key] / summary[peer][key]:.2f}x" if key not in NO_RATIO else "-" for peer in PEERS]
         lines.append(f"| {label} | {' | '.join(values + ratios)} |")
     return "\n".join(lines)
-
-
-def package_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
-def machine_description(threads: int) -> str:
-    return f"{platform.machine()}, {threads} threads, torch {torch.__version__}, {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
 from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSample
 from align.run import refuse_other_runs
-from align.tokenizer import load_tokenizer
+from align.tokenizer import generation_prompt_ids, load_tokenizer
 from reward.worker import RewardRequest, RewardWorkerArgs, RewardWorkerGroup
 from rollout.scheduler import QueryScheduler, SchedulerConfig
 from rollout.vllm_worker import RolloutLost, RolloutSampling, RolloutWorkerArgs, RolloutWorkerGroup
@@ -145,8 +145,7 @@ def main(cfg: GRPOConfig) -> None:
     if not rows:
         raise ValueError(f"{prompts_path}: no prompt rows")
     tokenizer = load_tokenizer(policy_path)
-    prompt_ids = [tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True) for r in rows]
-    prompt_ids = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompt_ids]
+    prompt_ids = generation_prompt_ids(tokenizer, (r["prompt"] for r in rows))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     save_config(cfg, out / "config.yaml")

@@ -13,30 +13,21 @@ Models: the tiny default (align.tiny) and a ~50M-parameter Qwen2.5-shaped decode
 QWEN_50M_CONFIG), both with random weights and a random score head on the tiny tokenizer: throughput does not
 depend on what the weights learned. Each run is its own subprocess (its peak resident memory is its own).
 
-    python benchmarks/reward.py [--quick] [--repeats 3] [--output benchmarks/results/reward.json]
+    python benchmarks/reward_scoring.py [--quick] [--repeats 3] [--output benchmarks/results/reward.json]
 """
 
-# ruff: noqa: E402  (the imports below must wait for the sys.path fix)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import platform
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's directory heads sys.path and `import reward` would find this file, not the reward
-# package: leave the directory out (decoder.py is loaded from it by path instead).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-
 import torch
+from decoder import QWEN_50M_CONFIG  # one definition of the benchmark model shape
+from harness import in_subprocess, machine_description, print_result, write_report
 
 from align.data import load_rows, tokenize_pairs
 from align.model import Qwen2ForCausalLM
@@ -44,16 +35,6 @@ from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
 from reward.evaluate import score_sequences
 from reward.model import load_reward_model, save_reward_model
-
-
-def _decoder_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_decoder", _HERE / "decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-QWEN_50M_CONFIG = _decoder_benchmark().QWEN_50M_CONFIG  # one definition of the benchmark model shape
 
 # (model, pairs scored, timed passes over them)
 CASES = [("tiny", 200, 1), ("qwen-50m", 48, 1)]
@@ -126,18 +107,7 @@ def run_case(system: str, rm_dir: str, pairs_file: str, pairs: int, passes: int,
 def worker(spec: dict) -> None:
     torch.set_num_threads(spec.pop("threads"))
     result = run_case(**spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result))
-
-
-def in_subprocess(spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"benchmark case {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    print_result(result)
 
 
 def main() -> None:
@@ -165,10 +135,10 @@ def main() -> None:
             results = {}
             for _ in range(args.repeats):
                 for system in ("ours", "transformers"):
-                    result = in_subprocess(dict(system=system, rm_dir=str(dirs[model_name]),
-                                                pairs_file=str(pairs_file), pairs=pairs, passes=passes,
-                                                batch_tokens=args.batch_tokens, batch_size=args.batch_size,
-                                                threads=args.threads))
+                    spec = dict(system=system, rm_dir=str(dirs[model_name]), pairs_file=str(pairs_file),
+                                pairs=pairs, passes=passes, batch_tokens=args.batch_tokens,
+                                batch_size=args.batch_size, threads=args.threads)
+                    result = in_subprocess(__file__, spec, args.threads)
                     if system not in results or result["pairs_per_s"] > results[system]["pairs_per_s"]:
                         results[system] = result
             ours, theirs = results["ours"], results["transformers"]
@@ -189,9 +159,7 @@ def main() -> None:
         "peer": f"transformers Qwen2ForSequenceClassification (sdpa, right-padded batches of {args.batch_size})",
         "rows": rows,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_report(args.output, report)
 
 
 def print_row(row: dict) -> None:
@@ -212,10 +180,6 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['padding_fraction']:.0%} | {r['max_abs_score_diff']:.1e} |"
         )
     return "\n".join(lines)
-
-
-def machine_description(threads: int) -> str:
-    return f"{platform.machine()}, {threads} threads, torch {torch.__version__}, {platform.python_version()}"
 
 
 if __name__ == "__main__":
