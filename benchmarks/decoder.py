@@ -11,12 +11,11 @@ tokens/s counts real tokens only, so padding is the padded system's cost.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
-from harness import in_subprocess, machine_description, print_result, write_report
+from harness import add_worker_option, in_subprocess, machine_description, print_result, write_report
 
 from align.model import PackedLayout, Qwen2Config, Qwen2ForCausalLM, token_logprobs
 from align.tiny import TINY_MODEL_CONFIG
@@ -153,10 +152,10 @@ def main() -> None:
                         "only the log-prob case")
     parser.add_argument("--repeats", type=int, default=1, help="run each case this many times, alternating "
                         "systems, and keep each system's best (less sensitive to other load on the machine)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_option(parser)
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
 
     rows = []
     for model_name, dtype, tokens, steps in TRAINING_CASES:

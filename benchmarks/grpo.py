@@ -45,6 +45,7 @@ import torch
 from harness import (
     BUSY_CORES,
     REPO,
+    add_worker_option,
     in_subprocess,
     machine_description,
     package_version,
@@ -221,10 +222,10 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=120.0,
                         help="seconds to wait before each run for other processes to leave the cores (0: never)")
     parser.add_argument("--output", default="benchmarks/results/grpo.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_option(parser)
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
     steps, queries = (WARMUP_STEPS + 2, 4) if args.quick else (args.steps, args.queries)
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
@@ -274,8 +275,7 @@ def main() -> None:
         "per_step": {name: run["step_s"] for name, run in runs.items()},
         "rollout_calls": {name: run["call_s"] for name, run in rollout.items()},
     }
-    output = Path(args.output)
-    write_report(output, report)
+    write_report(args.output, report)
 
 
 def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, Path, str]:

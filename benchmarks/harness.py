@@ -8,6 +8,7 @@ import this file as `harness`.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -73,6 +74,11 @@ def run_process(command: list[str], threads: int, max_wait: float = 0.0) -> tupl
         raise RuntimeError(f"{' '.join(command)} failed ({returncode}):\n{stderr[-3000:]}")
     foreign = max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall
     return stdout, {"peak_rss_mb": usage.ru_maxrss / 1024, "foreign_cores": foreign, "waited_for_idle_s": waited}
+
+
+def add_worker_option(parser) -> None:
+    """The hidden `--worker SPEC_JSON` option through which `in_subprocess` starts a case; args.worker is the spec."""
+    parser.add_argument("--worker", type=json.loads, help=argparse.SUPPRESS)
 
 
 def print_result(result: dict) -> None:

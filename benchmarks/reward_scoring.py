@@ -19,7 +19,6 @@ depend on what the weights learned. Each run is its own subprocess (its peak res
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 from decoder import QWEN_50M_CONFIG  # one definition of the benchmark model shape
-from harness import in_subprocess, machine_description, print_result, write_report
+from harness import add_worker_option, in_subprocess, machine_description, print_result, write_report
 
 from align.data import load_rows, tokenize_pairs
 from align.model import Qwen2ForCausalLM
@@ -121,10 +120,10 @@ def main() -> None:
     parser.add_argument("--work-dir", help="where to build the models (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=1, help="run each case this many times, alternating "
                         "systems, and keep each system's best (less sensitive to other load on the machine)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_option(parser)
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
 
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as tmp:
         dirs, pairs_file = build_reward_models(Path(args.work_dir or tmp))

@@ -51,6 +51,7 @@ import torch
 from harness import (
     BUSY_CORES,
     REPO,
+    add_worker_option,
     in_subprocess,
     load_script,
     machine_description,
@@ -272,10 +273,10 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=120.0,
                         help="seconds to wait before each run for other processes to leave the cores (0: never)")
     parser.add_argument("--output", default="benchmarks/results/sft.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_option(parser)
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        return worker(args.worker)
     steps = WARMUP_STEPS + 2 if args.quick else args.steps
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
@@ -347,8 +348,7 @@ def main() -> None:
             name: {k: run[k] for k in PER_STEP_KEYS if k in run} for name, run in runs.items()
         },
     }
-    output = Path(args.output)
-    write_report(output, report)
+    write_report(args.output, report)
 
 
 def print_run(name: str, run: dict) -> None:
