@@ -20,11 +20,13 @@ Optimizer: align.optimizers.OnlineMergingAdamW, `--optim-merge-variant adamw | o
 merge every update with tau = theta_SFT - theta_base, read from the starting model and --model-base-path one tensor
 at a time and kept in the optimizer state (so checkpoints carry it; the base weights are not held).
 
-With no arguments (no --model-path and no --data-path): the embedded default. It builds pairs from the default SFT
-model with recipes/build_pairs.py into OUTPUT_DIR/pairs (or reuses them), trains DPO from the SFT model three times,
-with AdamW, OnDARE and OnTIES (OUTPUT_DIR/adamw, /ondare, /onties, each a normal run directory), and reports
-held-out accuracy per family and difficulty and an alignment-tax measure (the mean log-likelihood per token of the
-held-out problems' reference solutions) for SFT and each DPO model: report.md, report.json.
+Without --data-path: the comparison on the synthetic tasks (with no arguments at all, the embedded default). It
+builds pairs from the starting SFT model (--model-path, default the embedded default's) with recipes/build_pairs.py
+into OUTPUT_DIR/pairs (or reuses them), trains DPO from that model three times, with AdamW, OnDARE and OnTIES
+(OUTPUT_DIR/adamw, /ondare, /onties, each a normal run directory), and reports held-out accuracy per family and
+difficulty and an alignment-tax measure (the mean log-likelihood per token of the held-out problems' reference
+solutions) for SFT and each DPO model: report.md, report.json. The pipeline (align.pipeline) runs it this way from
+its own SFT stage.
 
 Why the default's hyperparameters differ from the report's 7B ones (lr 7e-7, one epoch, OnDARE p = 0.01,
 alpha = 1e-7; recipes/configs/dpo/qwen2.5-7b.yaml): a 3.4M-parameter model trained for a few hundred steps does not
@@ -101,7 +103,7 @@ class ModelArgs:
     """Starting policy, usually the SFT model (HF directory). Empty: the embedded default's SFT model."""
     base_path: str = ""
     """The starting model's base, for OnDARE/OnTIES's tau = theta_SFT - theta_base. Empty: the embedded default's
-    base model when --model-path is empty too; required otherwise (for those variants)."""
+    base model when --model-path is empty too, or in the comparison (no --data-path); required otherwise."""
     ref_path: str = ""
     """Reference model of the DPO loss. Empty: the starting model (the usual choice)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -113,8 +115,8 @@ class ModelArgs:
 @dataclass(frozen=True)
 class DataArgs:
     path: str = ""
-    """Preference pairs (JSONL, Parquet or saved dataset dir). Empty: the embedded default's, built into
-    OUTPUT_DIR/pairs by recipes/build_pairs.py (requires an empty --model-path too)."""
+    """Preference pairs (JSONL, Parquet or saved dataset dir). Empty: the comparison of `variants`, on pairs built
+    from the starting model into OUTPUT_DIR/pairs by recipes/build_pairs.py."""
     max_length: int = 512
     """Longest prompt + answer in tokens; pairs with a longer side are dropped and counted."""
     micro_batch_tokens: int = 1024
@@ -220,7 +222,7 @@ class DPOConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0: no limit); for smoke runs and tests."""
     variants: tuple[str, ...] = ("adamw", "ondare", "onties")
-    """The embedded default: the optimizers compared, each a sub-run from the same SFT model."""
+    """The comparison (no --data-path): the optimizers compared, each a sub-run from the same SFT model."""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     ref: RefArgs = field(default_factory=RefArgs)
@@ -235,12 +237,12 @@ class DPOConfig:
             raise ValueError(f"variants={self.variants}: each must be adamw, ondare or onties")
 
     @property
-    def embedded_default(self) -> bool:
-        return not self.model.path and not self.data.path
+    def compares_variants(self) -> bool:
+        return not self.data.path
 
 
 def main(cfg: DPOConfig) -> None:
-    if cfg.embedded_default:
+    if cfg.compares_variants:
         run_default(cfg)
     else:
         train(cfg)
@@ -268,7 +270,7 @@ def train(cfg: DPOConfig) -> Path:
 
     # --- model and data (checked before the output directory is claimed) ----------------------------------
     if not cfg.data.path:
-        raise ValueError("data.path is required with --model-path (only the embedded default builds its own pairs)")
+        raise ValueError("data.path is required for one run (the comparison builds its own pairs)")
     model_dir = Path(cfg.model.path) if cfg.model.path else sft_model_dir(cfg.seed)
     ref_dir = Path(cfg.model.ref_path) if cfg.model.ref_path else model_dir
     merging = cfg.optim.merge.variant != "adamw"
@@ -554,18 +556,24 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-# --- the embedded default: pairs, three optimizers, evaluation -----------------------------------------------------
+# --- the comparison (the embedded default): pairs, three optimizers, evaluation -----------------------------------
 
 
 def run_default(cfg: DPOConfig) -> None:
-    """Build pairs, train DPO with each of cfg.variants from the same SFT model, and compare them."""
+    """Build pairs, train DPO with each of cfg.variants from the same SFT model, and compare them, on the synthetic
+    tasks' prompts and held-out problems."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the embedded default's comparison runs in one process; pass --model-path and --data-path "
+        raise ValueError("the comparison runs in one process; pass --data-path (and --model-path) for one run "
                          "to train on several ranks")
     out = Path(cfg.output_dir)
     refuse_other_runs(out, cfg.resume)
     tic = time.perf_counter()
-    sft_dir, base_dir = sft_model_dir(cfg.seed), base_model_dir(cfg.seed)
+    sft_dir = Path(cfg.model.path) if cfg.model.path else sft_model_dir(cfg.seed)
+    if cfg.model.path and not cfg.model.base_path and set(cfg.variants) - {"adamw"}:
+        raise ValueError("model.base_path is required with --model-path for OnDARE/OnTIES (tau = theta_SFT - "
+                         "theta_base)")
+    base_dir = Path(cfg.model.base_path) if cfg.model.base_path else base_model_dir(cfg.seed)
+    task_data = base_model_dir(cfg.seed) / "data"  # the synthetic tasks the comparison is measured on
     out.mkdir(parents=True, exist_ok=True)
     claim_output_dir(out, cfg)
 
@@ -596,7 +604,7 @@ def run_default(cfg: DPOConfig) -> None:
         train_seconds[variant] = time.perf_counter() - started
 
     # --- compare: held-out accuracy and the alignment tax ------------------------------------------------------
-    eval_file = base_dir / "data" / "eval.jsonl"
+    eval_file = task_data / "eval.jsonl"
     models = {"SFT": sft_dir, **{f"DPO-{VARIANT_NAMES[v]}": finals[v] for v in cfg.variants}}
     eval_rows = read_eval_rows(eval_file, cfg.eval.per_level)
     started = time.perf_counter()
