@@ -159,10 +159,12 @@ class PolicyActor(DistributedActor):
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def train_step(self, micro_batches: list[list[TrainSample]], num_tokens: int, num_sequences: int,
-                   poison: bool = False) -> dict[str, float]:
+                   poison: bool = False, temperature: float = 1.0) -> dict[str, float]:
         """Forward/backward over this rank's micro-batches, then one optimizer step. Returns metric sums, with
         `skipped` 1.0 when a non-finite gradient norm made DeepSpeed drop the step (weights, optimizer moments and
-        the LR schedule are then untouched). `poison` makes the loss NaN (fault injection for tests)."""
+        the LR schedule are then untouched). `poison` makes the loss NaN (fault injection for tests). Log-probs
+        (policy and reference) are of the logits divided by `temperature`, the distribution the samples were drawn
+        from."""
         loss_fn = GRPO_AGGREGATIONS[self.loss_args.aggregation]
         normaliser = num_tokens if self.loss_args.aggregation == "token" else num_sequences
         sums: dict[str, float] = {"gap_abs_sum": 0.0, "gap_tokens": 0.0, "entropy_sum": 0.0, "ratio_min": math.inf,
@@ -173,12 +175,14 @@ class PolicyActor(DistributedActor):
             batch = collate([TokenizedChat(s.token_ids, [True] * len(s.token_ids)) for s in work])
             batch = batch.to(self.engine.device)  # the CPU here; the rank's GPU on GPUs
             layout = batch.layout()
-            scored = self.engine(batch.input_ids, layout=layout, target_ids=batch.target_ids, with_entropy=True)
+            scored = self.engine(batch.input_ids, layout=layout, target_ids=batch.target_ids, with_entropy=True,
+                                 temperature=temperature)
             logprobs, mask = completion_view(scored.logprobs[0], work)  # [N, L]
             ref_logprobs = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref_flat = self.reference(batch.input_ids, layout=layout, target_ids=batch.target_ids).logprobs
+                    ref_flat = self.reference(batch.input_ids, layout=layout, target_ids=batch.target_ids,
+                                          temperature=temperature).logprobs
                 ref_logprobs, _ = completion_view(ref_flat[0], work)  # [N, L]
             advantages = torch.tensor([s.advantage for s in work], device=logprobs.device)  # [N]
             loss, parts = loss_fn(logprobs, logprobs.detach(), ref_logprobs, advantages, mask, normaliser,
@@ -273,12 +277,14 @@ class PolicyWorkerGroup:
                              target_tokens=[s.num_completion_tokens for s in samples])
         return [[[samples[i] for i in mb] for mb in step.for_rank(rank)] for rank in range(world)]
 
-    def train_step(self, samples: Sequence[TrainSample], seed: int = 0, poison: bool = False) -> dict[str, float]:
-        """One optimizer step on `samples`; metric sums over ranks (ratio_min/max combined by min/max). `skipped`
-        is 1.0 when the step was dropped for a non-finite gradient; `poison` forces that (tests)."""
+    def train_step(self, samples: Sequence[TrainSample], seed: int = 0, poison: bool = False,
+                   temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step on `samples`, drawn at sampling `temperature`; metric sums over ranks (ratio_min/max
+        combined by min/max). `skipped` is 1.0 when the step was dropped for a non-finite gradient; `poison`
+        forces that (tests)."""
         num_tokens = sum(s.num_completion_tokens for s in samples)
         per_rank = self.plan(samples, seed)
-        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples), poison)
+        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples), poison, temperature)
                            for actor, mbs in zip(self.actors, per_rank, strict=True)])
         total: dict[str, float] = {}
         for result in results:

@@ -46,7 +46,7 @@ from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSa
 from align.run import refuse_other_runs
 from align.tokenizer import generation_prompt_ids, load_tokenizer
 from reward.worker import RewardRequest, RewardWorkerArgs, RewardWorkerGroup
-from rollout.scheduler import QueryScheduler, SchedulerConfig
+from rollout.scheduler import QueryScheduler, SchedulerConfig, reward_variance
 from rollout.vllm_worker import RolloutLost, RolloutSampling, RolloutWorkerArgs, RolloutWorkerGroup
 
 
@@ -59,8 +59,9 @@ class DataArgs:
     second pass meets queries whose reward variance is known and the variance order acts on it."""
     eval_path: str = ""
     """Held-out rows for accuracy before and after. Empty: the default's data/eval.jsonl; 'none': skip."""
-    eval_per_level: int = 25
-    """Eval problems per task family and difficulty."""
+    eval_per_level: int = 50
+    """Eval problems per task family and difficulty (the default's eval set has 50; at 25 one problem is 4 points,
+    which hides a level's change in the noise)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RolloutArgs:
     n: int = 8
     """Completions per query (the GRPO group; Qwen2.5 samples 8)."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature; the policy's log-probs are taken at it too (logits / T), as the samples' are."""
     max_tokens: int = 256
     """Longest completion."""
     ignore_eos: bool = False
@@ -113,14 +114,22 @@ class GRPOConfig:
     """Steps in a row dropped for a non-finite gradient before the run stops (its checkpoints stay as they were)."""
     inject_nan_steps: tuple[int, ...] = ()
     """Fault injection, for tests: the losses of these steps (1-based) are made NaN, so the steps are dropped."""
+    scoring_pass: bool = False
+    """Before training, sample and score one group per prompt with the starting policy and seed the scheduler's
+    reward-variance estimates from them (the report orders queries by the variance of their scores), so the first
+    batches already favour queries whose rewards vary. Skipped on --resume (the estimates are in the checkpoint)."""
     default_reward_model: bool = True
     """With reward.model_path empty: also score with the embedded default's reward model."""
     data: DataArgs = field(default_factory=DataArgs)
-    policy: PolicyArgs = field(default_factory=lambda: PolicyArgs(lr=2e-5, micro_batch_tokens=4096))
+    # The phases of a step run one after another, so the policy may use every core while the rollout waits.
+    policy: PolicyArgs = field(default_factory=lambda: PolicyArgs(
+        lr=2e-5, micro_batch_tokens=4096, resources=ActorResources(torch_threads=2)))
     loss: LossArgs = field(default_factory=LossArgs)
     rollout: RolloutArgs = field(default_factory=RolloutArgs)
+    # "gated": the reward model ranks correct answers only; summed, it alone drives the all-wrong groups and the
+    # policy learned to cut its working short (reward.worker.model_term_if_passed).
     reward: RewardWorkerArgs = field(default_factory=lambda: RewardWorkerArgs(
-        verifiers=("task",), model_weight=0.2, model_score_norm="batch",
+        verifiers=("task",), model_weight=0.2, model_score_norm="batch", combination="gated",
         resources=ActorResources(num_cpus=0.5)))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -178,6 +187,12 @@ def main(cfg: GRPOConfig) -> None:
         scheduler.load_state_dict(state["scheduler"])
         sync_rollout(policy, rollout, start_step, cfg.rollout)
         print(f"resumed from {resume_from} at step {start_step}/{cfg.steps}")
+    elif cfg.scoring_pass:
+        score_all_queries(scheduler, partial(
+            roll_out_and_score, rollout=rollout, rewarder=rewarder, prompt_ids=prompt_ids, rows=rows,
+            sampling=rollout_sampling(cfg.rollout, seed=cfg.seed * 1_000_003 - 1), version=0, tally=new_tally(),
+            resync=partial(sync_rollout, policy, rollout, 0, cfg.rollout)), chunk=4 * cfg.queries_per_step,
+            output=out / "scoring_pass.json")
     logger = MetricsLogger(out, resume_step=start_step)
 
     # --- loop -----------------------------------------------------------------------------------------------
@@ -185,11 +200,8 @@ def main(cfg: GRPOConfig) -> None:
     skipped_in_a_row = 0
     for step in range(start_step, cfg.steps):
         step_begin = time.perf_counter()
-        tally = dict.fromkeys(("seconds_rollout", "seconds_reward", "samples", "passed", "reward_sum",
-                               "completion_tokens", "rollout_restarts"), 0.0)  # every group, dropped ones too
-        sampling = RolloutSampling(n=cfg.rollout.n, temperature=cfg.rollout.temperature,
-                                   max_tokens=cfg.rollout.max_tokens, ignore_eos=cfg.rollout.ignore_eos,
-                                   seed=cfg.seed * 1_000_003 + step)
+        tally = new_tally()  # every group, dropped ones too
+        sampling = rollout_sampling(cfg.rollout, seed=cfg.seed * 1_000_003 + step)
 
         scheduled = scheduler.collect(cfg.queries_per_step, partial(
             roll_out_and_score, rollout=rollout, rewarder=rewarder, prompt_ids=prompt_ids, rows=rows,
@@ -205,8 +217,8 @@ def main(cfg: GRPOConfig) -> None:
                                            batch.logprobs[index]))
 
         tic = time.perf_counter()
-        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step,
-                                  poison=step + 1 in cfg.inject_nan_steps) if samples else {}
+        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step, poison=step + 1 in cfg.inject_nan_steps,
+                                  temperature=cfg.rollout.temperature) if samples else {}
         seconds_train = time.perf_counter() - tic
         tic = time.perf_counter()
         tally["rollout_restarts"] += sync_rollout(policy, rollout, step + 1, cfg.rollout)
@@ -267,6 +279,17 @@ def main(cfg: GRPOConfig) -> None:
         (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
 
 
+def rollout_sampling(args: RolloutArgs, seed: int) -> RolloutSampling:
+    return RolloutSampling(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens,
+                           ignore_eos=args.ignore_eos, seed=seed)
+
+
+def new_tally() -> dict[str, float]:
+    """The counts and times roll_out_and_score adds to."""
+    return dict.fromkeys(("seconds_rollout", "seconds_reward", "samples", "passed", "reward_sum",
+                          "completion_tokens", "rollout_restarts"), 0.0)
+
+
 def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, rewarder: RewardWorkerGroup,
                        prompt_ids: list[list[int]], rows: list[dict], sampling: RolloutSampling, version: int,
                        tally: dict[str, float], resync: Callable[[], int]):
@@ -296,6 +319,24 @@ def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, reward
     if scored.verifier_pass is not None:
         tally["passed"] += float(scored.verifier_pass.float().sum())
     return [(batch, k) for k in range(len(query_ids))], scored.reward.view(len(query_ids), sampling.n)
+
+
+def score_all_queries(scheduler: QueryScheduler, roll_out: Callable, chunk: int, output: Path) -> None:
+    """The scoring pass: one group per query, `chunk` queries per rollout call, into the scheduler's estimates;
+    what it found (time, pass rate, groups with zero reward variance) is printed and written to `output`."""
+    tic = time.perf_counter()
+    ids = list(range(scheduler.num_queries))
+    rewards = []
+    for start in tqdm(range(0, len(ids), chunk), desc="scoring pass", unit="chunk"):
+        rewards.append(roll_out(ids[start:start + chunk])[1])
+    rewards = torch.cat(rewards)  # [Q, G]
+    scheduler.seed_estimates(ids, rewards)
+    zero = reward_variance(rewards) <= scheduler.config.zero_variance_tol  # [Q]
+    summary = {"queries": len(ids), "seconds": time.perf_counter() - tic, "reward_mean": float(rewards.mean()),
+               "zero_variance_fraction": float(zero.double().mean())}
+    output.write_text(json.dumps(summary, indent=2) + "\n")
+    tqdm.write(f"scoring pass: {len(ids)} queries in {summary['seconds']:.0f} s, reward mean "
+               f"{summary['reward_mean']:.3f}, {summary['zero_variance_fraction']:.0%} of groups with zero variance")
 
 
 def sync_rollout(policy: PolicyWorkerGroup, rollout: RolloutWorkerGroup, version: int, args: RolloutArgs) -> int:

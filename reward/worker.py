@@ -9,7 +9,8 @@
 
 Per sample, reward = verifier_weight * pass + model_weight * norm(model_score), where pass is 1 when every
 configured verifier passes the response (else 0) and norm is the configured normalisation of the reward model's
-score (`NORMALIZERS`); a term is absent when its scorer is not configured. The parts come back beside the reward.
+score (`NORMALIZERS`); a term is absent when its scorer is not configured. With `combination="gated"` the model
+term counts only for responses that pass (`COMBINATIONS`). The parts come back beside the reward.
 
 The model scores the whole conversation, prompt plus the response as an assistant turn, rendered with the chat
 template and tokenized exactly as `reward-eval` and reward-model training do (`align.data.parse_pair` and
@@ -73,6 +74,28 @@ NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": _no_no
 """How the model's score enters the reward: "none" raw, "batch" whitened over the batch of one `score` call."""
 
 
+def sum_of_terms(model_term: torch.Tensor, verifier_term: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """Both terms for every response."""
+    return model_term + verifier_term
+
+
+def model_term_if_passed(model_term: torch.Tensor, verifier_term: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """The model term only for responses the verifiers pass: the reward model ranks correct answers among
+    themselves, and a wrong answer gets nothing from it. Why: in a GRPO group whose responses all fail, a summed
+    reward differs only by the model's score, so the whole update there optimises the reward model alone, which a
+    policy learns to exploit (Gao et al. 2023, reward-model overoptimisation; here: answers cut short because the
+    model prefers concise ones). Gated, such a group has zero variance and no advantage."""
+    return verifier_term + model_term * passed
+
+
+COMBINATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sum": sum_of_terms,
+    "gated": model_term_if_passed,
+}
+"""How the weighted model and verifier terms make the reward when both are configured: (model_term [N],
+verifier_term [N], passed [N] float 0/1) -> reward [N]."""
+
+
 @dataclass(frozen=True)
 class RewardWorkerArgs:
     """How rewards are computed and by how many actors."""
@@ -87,6 +110,9 @@ class RewardWorkerArgs:
     """Weight of the verifiers' pass (1) / fail (0) in the reward."""
     model_score_norm: str = "none"
     """Normalisation of the model score before weighting (keys of NORMALIZERS)."""
+    combination: str = "sum"
+    """With both a model and verifiers: "sum" adds the terms, "gated" counts the model term only for responses
+    that pass (keys of COMBINATIONS)."""
     resources: ActorResources = field(default_factory=ActorResources)
     """The actors the batch is split across (with zero3, the ranks of one ZeRO-3 group), their CPUs and GPUs."""
     zero3: bool = False
@@ -107,6 +133,9 @@ class RewardWorkerArgs:
         if self.model_score_norm not in NORMALIZERS:
             raise ValueError(f"RewardWorkerArgs.model_score_norm={self.model_score_norm!r}: expected one of "
                              f"{sorted(NORMALIZERS)}")
+        if self.combination not in COMBINATIONS:
+            raise ValueError(f"RewardWorkerArgs.combination={self.combination!r}: expected one of "
+                             f"{sorted(COMBINATIONS)}")
         if not (math.isfinite(self.model_weight) and math.isfinite(self.verifier_weight)):
             raise ValueError("RewardWorkerArgs: model_weight and verifier_weight must be finite")
         if self.zero3 and not self.model_path:
@@ -143,29 +172,29 @@ class SampleScores:
 class ScoredBatch:
     """Rewards of a batch of requests, in request order, and the parts they came from."""
 
-    reward: torch.Tensor  # [N] float32, verifier_weight * pass + model_weight * norm(model_score)
+    reward: torch.Tensor  # [N] float32, verifier_weight * pass + model_weight * norm(model_score) (combine_rewards)
     model_score: torch.Tensor | None  # [N] float32 raw reward-model scores; None without a model
     verifier_pass: torch.Tensor | None  # [N] bool, every verifier passed; None without verifiers
     reason: tuple[str, ...]  # N verifier reasons, "name: reason" per verifier when several ("" without verifiers)
 
 
 def combine_rewards(model_score: torch.Tensor | None, verifier_pass: torch.Tensor | None, model_weight: float,
-                    verifier_weight: float, model_score_norm: str) -> torch.Tensor:
-    """reward [N] = verifier_weight * verifier_pass + model_weight * NORMALIZERS[model_score_norm](model_score),
-    leaving out a term whose part is None.
+                    verifier_weight: float, model_score_norm: str, combination: str = "sum") -> torch.Tensor:
+    """reward [N] = COMBINATIONS[combination](model_weight * NORMALIZERS[model_score_norm](model_score),
+    verifier_weight * verifier_pass, verifier_pass), or the one term whose part is not None.
 
-    Example: scores [1, 3], passes [True, False], weights 0.5 / 2, "batch": whitened scores [-1, 1], so
-    reward = [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5].
+    Example: scores [1, 3], passes [True, False], weights 0.5 / 2, "batch": whitened scores [-1, 1], so "sum" gives
+    [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5] and "gated" [2 * 1 + 0.5 * -1, 2 * 0 + 0] = [1.5, 0.0].
     """
-    parts = [p for p in (model_score, verifier_pass) if p is not None]
-    if not parts:
+    if model_score is None and verifier_pass is None:
         raise ValueError("combine_rewards: neither a model score nor a verifier result")
-    reward = torch.zeros(parts[0].shape, dtype=torch.float32)  # [N]
-    if model_score is not None:
-        reward += model_weight * NORMALIZERS[model_score_norm](model_score.float())
-    if verifier_pass is not None:
-        reward += verifier_weight * verifier_pass.float()
-    return reward
+    model_term = None if model_score is None else model_weight * NORMALIZERS[model_score_norm](model_score.float())
+    verifier_term = None if verifier_pass is None else verifier_weight * verifier_pass.float()
+    if model_term is None:
+        return verifier_term  # [N]
+    if verifier_term is None:
+        return model_term  # [N]
+    return COMBINATIONS[combination](model_term, verifier_term, verifier_pass.float())  # [N]
 
 
 def conversation_ids(request: RewardRequest, tokenizer, index: int) -> list[int]:
@@ -298,7 +327,7 @@ class RewardWorkerGroup:
         model_score = torch.cat([p.model_score for p in parts]) if self.args.model_path else None
         verifier_pass = torch.cat([p.verifier_pass for p in parts]) if self.args.verifiers else None
         reward = combine_rewards(model_score, verifier_pass, self.args.model_weight, self.args.verifier_weight,
-                                 self.args.model_score_norm)
+                                 self.args.model_score_norm, self.args.combination)
         return ScoredBatch(reward, model_score, verifier_pass, tuple(r for p in parts for r in p.reason))
 
     def partition_sizes(self) -> list[dict[str, tuple[int, int]]]:

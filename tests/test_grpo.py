@@ -55,8 +55,9 @@ def metrics(output_dir: Path) -> list[dict]:
 def test_two_rank_zero3_run_syncs_resumes_and_exports(tiny_dir, tmp_path):
     out = tmp_path / "run"
     common = grpo_args(tiny_dir, out, "--policy-resources-num-actors", "2", "--policy-resources-num-cpus", "0.5",
-                       "--policy-lr", "1e-3", "--loss-kl-beta", "0.05", "--save-every", "2")
-    run([sys.executable, str(RECIPE), *common, "--steps", "2"])
+                       "--policy-lr", "1e-3", "--loss-kl-beta", "0.05", "--save-every", "2",
+                       "--rollout-temperature", "0.7")  # the policy's log-probs must be taken at T as vLLM's are
+    run([sys.executable, str(RECIPE), *common, "--steps", "2", "--scoring-pass"])
     first = metrics(out)
     assert [r["step"] for r in first] == [1, 2]
     for record in first:
@@ -69,6 +70,10 @@ def test_two_rank_zero3_run_syncs_resumes_and_exports(tiny_dir, tmp_path):
     assert first[1]["kl"] > 0  # the policy moved away from the frozen reference
     state = json.loads((out / "checkpoint-00000002" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["scheduler"]["counts"]["groups"] == 6
+    # The scoring pass gave every prompt an estimate before the first step (visits count training groups only).
+    scoring = json.loads((out / "scoring_pass.json").read_text())
+    assert scoring["queries"] == len(state["scheduler"]["estimate"]) == 20
+    assert None not in state["scheduler"]["estimate"] and sum(state["scheduler"]["visits"]) == 6
 
     run([sys.executable, str(RECIPE), *common, "--steps", "3", "--resume"])
     resumed = metrics(out)

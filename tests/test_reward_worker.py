@@ -35,12 +35,18 @@ SMALL = TaskDataConfig(arithmetic_sft=20, code_sft=20, arithmetic_prompts=2, cod
 
 def test_combine_rewards_by_hand():
     """scores [1, 3] whiten to [-1, 1] (mean 2, population std 1); passes [1, 0]; weights model 0.5, verifier 2:
-    reward = [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5]. Raw: [2 + 0.5, 1.5] = [2.5, 1.5]."""
+    reward = [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5]. Raw: [2 + 0.5, 1.5] = [2.5, 1.5]. Gated, the failing
+    second response loses its model term: [1.5, 0.0] whitened, [2.5, 0.0] raw."""
     scores, passed = torch.tensor([1.0, 3.0]), torch.tensor([True, False])
     reward = combine_rewards(scores, passed, model_weight=0.5, verifier_weight=2.0, model_score_norm="batch")
     torch.testing.assert_close(reward, torch.tensor([1.5, 0.5]), atol=1e-5, rtol=0)
     raw = combine_rewards(scores, passed, model_weight=0.5, verifier_weight=2.0, model_score_norm="none")
     torch.testing.assert_close(raw, torch.tensor([2.5, 1.5]))
+    gated = combine_rewards(scores, passed, 0.5, 2.0, "batch", combination="gated")
+    torch.testing.assert_close(gated, torch.tensor([1.5, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(combine_rewards(scores, passed, 0.5, 2.0, "none", "gated"), torch.tensor([2.5, 0.0]))
+    # gating needs both parts; with one the combination does not matter
+    torch.testing.assert_close(combine_rewards(scores, None, 0.5, 2.0, "none", "gated"), torch.tensor([0.5, 1.5]))
     torch.testing.assert_close(combine_rewards(None, passed, 0.5, 2.0, "none"), torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(combine_rewards(scores, None, 0.5, 2.0, "none"), torch.tensor([0.5, 1.5]))
     assert combine_rewards(torch.tensor([4.0]), None, 1.0, 1.0, "batch").tolist() == [0.0]  # batch of one
@@ -79,6 +85,8 @@ def test_split_evenly_and_args_checks():
         RewardWorkerArgs(verifiers=("task",), zero3=True)
     with pytest.raises(ValueError, match="model_score_norm"):
         RewardWorkerArgs(verifiers=("task",), model_score_norm="group")
+    with pytest.raises(ValueError, match="combination"):
+        RewardWorkerArgs(verifiers=("task",), combination="product")
     args = RewardWorkerArgs(verifiers=("task",))
     with pytest.raises(ValueError, match="row 1: field 'task'"):
         check_requests([RewardRequest("hi", "x", {"family": "arithmetic", "answer": "1"}), RewardRequest("hi", "x")],
