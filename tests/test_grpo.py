@@ -33,12 +33,13 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def grpo_args(tiny_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     # A random-init policy answers nothing right, so the verifier alone would give only zero-variance groups:
-    # the reward model (here the random init with a score head) makes rewards vary, as a real RM does.
+    # the reward model (here the random init with a score head) makes rewards vary, as a real RM does. Summed: the
+    # default "gated" combination would count the model's score only for answers that pass, i.e. never here.
     return ["--policy-model-path", str(tiny_dir), "--data-prompts-path", str(tiny_dir / "data" / "prompts.jsonl"),
             "--data-eval-path", "none", "--no-default-reward-model", "--reward-model-path", str(tiny_dir),
-            "--reward-model-weight", "1.0", "--queries-per-step", "3", "--rollout-n", "4",
-            "--rollout-max-tokens", "24", "--rollout-max-model-len", "256", "--policy-micro-batch-tokens", "256",
-            "--output-dir", str(output_dir), *extra]
+            "--reward-model-weight", "1.0", "--reward-combination", "sum", "--queries-per-step", "3",
+            "--rollout-n", "4", "--rollout-max-tokens", "24", "--rollout-max-model-len", "256",
+            "--policy-micro-batch-tokens", "256", "--output-dir", str(output_dir), *extra]
 
 
 def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
