@@ -51,9 +51,14 @@ def stage_name(stage: str, seed: int) -> str:
     return f"tiny-{stage}-v{versions}-seed{seed}"
 
 
+def base_model_path(seed: int = 0) -> Path:
+    """Where the pretrained tiny base model is cached (built or not)."""
+    return cache_dir() / stage_name("base", seed)
+
+
 def base_model_dir(seed: int = 0) -> Path:
     """The pretrained tiny base model (with its tokenizer and task data in data/), built if missing."""
-    target = cache_dir() / stage_name("base", seed)
+    target = base_model_path(seed)
     with _locked(target):
         if not (target / "config.json").is_file():
             for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a build killed before it could clean up

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Literal
 
 from align.config import parse_config, save_config
-from align.defaults import RECIPES, cache_dir, single_process_env, stage_name
+from align.defaults import RECIPES, base_model_path, single_process_env
 
 DONE = ".done"
 STAGE_NAMES = ("sft", "rm", "dpo", "grpo")
@@ -344,9 +344,14 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomically (temp file + rename): a .done file is either whole or absent."""
+    """Atomically: a .done file is either whole or absent."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Through a temporary sibling renamed into place, so a reader sees the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -363,7 +368,7 @@ _BUILD_BASE = "import sys; from align.defaults import base_model_dir; base_model
 def ensure_base_model(seed: int, run_dir: Path) -> Path:
     """The embedded default's base model in the machine's cache; built first if missing (once per machine, ~10
     min), in a child process logged to RUN/logs/base.log like a stage."""
-    target = cache_dir() / stage_name("base", seed)
+    target = base_model_path(seed)
     if not (target / "config.json").is_file():
         print(f"== base: building the embedded default's base model into {target} (once per machine)", flush=True)
         tic = time.perf_counter()

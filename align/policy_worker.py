@@ -182,7 +182,7 @@ class PolicyActor(DistributedActor):
             if self.reference is not None:
                 with torch.no_grad():
                     ref_flat = self.reference(batch.input_ids, layout=layout, target_ids=batch.target_ids,
-                                          temperature=temperature).logprobs
+                                              temperature=temperature).logprobs
                 ref_logprobs, _ = completion_view(ref_flat[0], work)  # [N, L]
             advantages = torch.tensor([s.advantage for s in work], device=logprobs.device)  # [N]
             loss, parts = loss_fn(logprobs, logprobs.detach(), ref_logprobs, advantages, mask, normaliser,

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from align.metrics import plot_curves, read_metrics
-from align.pipeline import DONE, STAGE_NAMES
+from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES, write_text_atomic
 
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO (AdamW, OnDARE, OnTIES)", "grpo": "GRPO"}
 THROUGHPUT = {"sft": "training tokens/s", "rm": "training tokens/s", "dpo": "training tokens/s (mean of variants)",
@@ -226,15 +226,9 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     markdown = build_report(run_dir, make_plots(run_dir, out))
-    _write(out / "report.md", markdown)
-    _write(out / "report.html", markdown_to_html(markdown, "qwen-align pipeline report"))
+    write_text_atomic(out / "report.md", markdown)
+    write_text_atomic(out / "report.html", markdown_to_html(markdown, "qwen-align pipeline report"))
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def make_plots(run_dir: Path, out: Path) -> list[tuple[str, str]]:
@@ -249,7 +243,7 @@ def make_plots(run_dir: Path, out: Path) -> list[tuple[str, str]]:
         plot_curves(grpo_metrics, out / "grpo_curves.png", GRPO_CURVES, title="GRPO: reward and accuracy per step")
         plots.append(("GRPO: mean reward, accuracy and zero-variance groups per step", "grpo_curves.png"))
     copies = [("sft/loss.png", "SFT training"), ("rm/loss.png", "Reward-model training"),
-              *((f"dpo/{v}/loss.png", f"DPO training, {v}") for v in ("adamw", "ondare", "onties")),
+              *((f"dpo/{v}/loss.png", f"DPO training, {v}") for v in DPO_VARIANTS),
               ("grpo/curves.png", "GRPO: all logged curves")]
     for source, caption in copies:
         if (run_dir / source).is_file():

@@ -323,7 +323,7 @@ def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, reward
 
 def score_all_queries(scheduler: QueryScheduler, roll_out: Callable, chunk: int, output: Path) -> None:
     """The scoring pass: one group per query, `chunk` queries per rollout call, into the scheduler's estimates;
-    what it found (time, pass rate, groups with zero reward variance) is printed and written to `output`."""
+    what it found (time, mean reward, groups with zero reward variance) is printed and written to `output`."""
     tic = time.perf_counter()
     ids = list(range(scheduler.num_queries))
     rewards = []
