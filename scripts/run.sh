@@ -32,7 +32,7 @@ case "$cmd" in
     main)
         setup_env
         shift
-        exec "$VENV/bin/python" -m align.demo "$@"
+        exec "$VENV/bin/python" -m align.pipeline "$@"
         ;;
     test)
         setup_env
