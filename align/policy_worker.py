@@ -100,7 +100,8 @@ class TrainSample:
     advantage: float
     """Group-normalised advantage (align.grpo.group_advantages)."""
     rollout_logprobs: list[float] = field(default_factory=list)
-    """vLLM's log-probs of the completion tokens (for the policy/vLLM gap metric)."""
+    """vLLM's log-probs of the completion tokens: the sampling policy's, so the importance ratio's denominator
+    (where given; else the policy's own detached log-probs, ratio 1) and the policy/vLLM gap metric."""
 
     @property
     def num_completion_tokens(self) -> int:
@@ -128,6 +129,53 @@ def completion_view(flat: torch.Tensor, samples: Sequence[TrainSample]) -> tuple
         offset += len(sample.token_ids)
     index, mask = index.to(flat.device), mask.to(flat.device)
     return flat[index] * mask, mask  # [N, L]
+
+
+def split_groups(samples: Sequence[TrainSample], group_size: int, count: int) -> list[list[TrainSample]]:
+    """`samples` (whole groups of `group_size`, one after another) as at most `count` mini-batches of whole
+    groups, the first ones one group larger when the groups do not divide evenly; none empty."""
+    if len(samples) % group_size:
+        raise ValueError(f"{len(samples)} samples are not whole groups of {group_size}")
+    groups = [list(samples[i:i + group_size]) for i in range(0, len(samples), group_size)]
+    count = max(1, min(count, len(groups)))
+    size, extra = divmod(len(groups), count)
+    out, start = [], 0
+    for k in range(count):
+        end = start + size + (k < extra)
+        out.append([sample for group in groups[start:end] for sample in group])
+        start = end
+    return out
+
+
+def sampling_logprobs(logprobs: torch.Tensor, samples: Sequence[TrainSample]) -> torch.Tensor:
+    """The importance ratio's denominator [N, L]: each sample's rollout log-probs where it has them, else the
+    policy's own (detached; ratio 1). After a sync the two agree to ~1e-6 here (logged as logprob_gap), so on the
+    first update of a rollout batch the ratio is 1 and the clip inactive; on the later mini-batches of the same
+    rollout batch the policy has moved, and the ratio and its clip act as in PPO."""
+    old = logprobs.detach().clone()  # [N, L]
+    for i, sample in enumerate(samples):
+        if sample.rollout_logprobs:
+            n = len(sample.rollout_logprobs)
+            old[i, :n] = torch.tensor(sample.rollout_logprobs, dtype=old.dtype, device=old.device)
+    return old
+
+
+def add_step_metrics(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:
+    """`total` with `part` added: sums, except ratio_min (min), ratio_max, grad_norm and skipped (max: over ranks
+    they are equal, over a step's mini-batches the worst counts) and lr (the latest)."""
+    out = dict(total)
+    for key, value in part.items():
+        if key == "ratio_min":
+            out[key] = min(out.get(key, math.inf), value)
+        elif key in ("ratio_max", "grad_norm", "skipped"):
+            previous = out.get(key, -math.inf)
+            # max() would drop a NaN grad_norm (nan > x is False), the very value that must not vanish
+            out[key] = math.nan if math.isnan(previous) or math.isnan(value) else max(previous, value)
+        elif key == "lr":
+            out[key] = value
+        else:
+            out[key] = out.get(key, 0.0) + value
+    return out
 
 
 class PolicyActor(DistributedActor):
@@ -185,7 +233,8 @@ class PolicyActor(DistributedActor):
                                               temperature=temperature).logprobs
                 ref_logprobs, _ = completion_view(ref_flat[0], work)  # [N, L]
             advantages = torch.tensor([s.advantage for s in work], device=logprobs.device)  # [N]
-            loss, parts = loss_fn(logprobs, logprobs.detach(), ref_logprobs, advantages, mask, normaliser,
+            loss, parts = loss_fn(logprobs, sampling_logprobs(logprobs, work), ref_logprobs, advantages, mask,
+                                  normaliser,
                                   self.loss_args.epsilon_low, self.loss_args.epsilon_high, self.loss_args.kl_beta)
             if not samples:
                 loss = loss * 0.0
@@ -204,13 +253,7 @@ class PolicyActor(DistributedActor):
                     gap = logprobs[i, :n].detach() - torch.tensor(s.rollout_logprobs, device=logprobs.device)
                     sums["gap_abs_sum"] += float(gap.abs().sum())
                     sums["gap_tokens"] += n
-            for key, value in parts.items():
-                if key == "ratio_min":
-                    sums[key] = min(sums[key], float(value))
-                elif key == "ratio_max":
-                    sums[key] = max(sums[key], float(value))
-                else:
-                    sums[key] = sums.get(key, 0.0) + float(value)
+            sums = add_step_metrics(sums, {key: float(value) for key, value in parts.items()})
         # DeepSpeed 0.19's ZeRO-3 drops a step whose global gradient norm is NaN or infinite, in float32 too
         # (stage3.step: is_invalid_grad_norm -> overflow clean-up): the gradients are cleared, nothing updated.
         self.engine.step()
@@ -288,15 +331,7 @@ class PolicyWorkerGroup:
                            for actor, mbs in zip(self.actors, per_rank, strict=True)])
         total: dict[str, float] = {}
         for result in results:
-            for key, value in result.items():
-                if key == "ratio_min":
-                    total[key] = min(total.get(key, math.inf), value)
-                elif key == "ratio_max":
-                    total[key] = max(total.get(key, -math.inf), value)
-                elif key in ("grad_norm", "lr", "skipped"):
-                    total[key] = value  # the same on every rank
-                else:
-                    total[key] = total.get(key, 0.0) + value
+            total = add_step_metrics(total, result)
         return total
 
     def sync_weights(self, rollout_actors: list, version: int, max_bucket_bytes: int = 64 * 2**20,

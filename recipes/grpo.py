@@ -42,7 +42,7 @@ from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eva
 from align.grpo import group_advantages
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
-from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSample
+from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSample, add_step_metrics, split_groups
 from align.run import refuse_other_runs
 from align.tokenizer import generation_prompt_ids, load_tokenizer
 from reward.worker import RewardRequest, RewardWorkerArgs, RewardWorkerGroup
@@ -101,7 +101,11 @@ class GRPOConfig:
     seed: int = 0
     """Seed of sampling, packing and the embedded default."""
     steps: int = 40
-    """Optimizer steps (one rollout batch each)."""
+    """Rollout batches (each trained on with `mini_batches` optimizer steps)."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch: its groups split into this many mini-batches, one update each (verl's
+    ppo_mini_batch_size, TRL's steps_per_generation). From the second on the policy has moved since sampling, so
+    the importance ratio to the rollout's log-probs and its clip are active; the compute is that of one update."""
     queries_per_step: int = 16
     """Queries per rollout batch (samples per step = queries x rollout.n)."""
     save_every: int = 10
@@ -217,8 +221,11 @@ def main(cfg: GRPOConfig) -> None:
                                            batch.logprobs[index]))
 
         tic = time.perf_counter()
-        parts = policy.train_step(samples, seed=cfg.seed * 7919 + step, poison=step + 1 in cfg.inject_nan_steps,
-                                  temperature=cfg.rollout.temperature) if samples else {}
+        parts: dict[str, float] = {}
+        for k, mini_batch in enumerate(split_groups(samples, cfg.rollout.n, cfg.mini_batches) if samples else []):
+            parts = add_step_metrics(parts, policy.train_step(
+                mini_batch, seed=cfg.seed * 7919 + step + 1_000_003 * k, poison=step + 1 in cfg.inject_nan_steps,
+                temperature=cfg.rollout.temperature))
         seconds_train = time.perf_counter() - tic
         tic = time.perf_counter()
         tally["rollout_restarts"] += sync_rollout(policy, rollout, step + 1, cfg.rollout)

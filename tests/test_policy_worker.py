@@ -1,0 +1,49 @@
+"""align.policy_worker's pure parts: mini-batches of whole groups, the ratio's denominator, metric merging."""
+
+import math
+
+import pytest
+import torch
+
+from align.policy_worker import TrainSample, add_step_metrics, sampling_logprobs, split_groups
+
+
+def samples(num_groups: int, group_size: int) -> list[TrainSample]:
+    return [TrainSample([g, j, 0], 1, float(j)) for g in range(num_groups) for j in range(group_size)]
+
+
+def test_split_groups_keeps_groups_whole_and_order():
+    batch = samples(5, 4)
+    parts = split_groups(batch, 4, 2)
+    assert [len(p) for p in parts] == [12, 8]  # 3 groups, then 2
+    assert [s for p in parts for s in p] == batch
+    for part in parts:
+        assert {s.token_ids[0] for s in part[:4]} == {part[0].token_ids[0]}
+
+
+def test_split_groups_never_makes_empty_mini_batches():
+    assert [len(p) for p in split_groups(samples(2, 3), 3, 4)] == [3, 3]
+    assert [len(p) for p in split_groups(samples(3, 2), 2, 1)] == [6]
+
+
+def test_split_groups_refuses_partial_groups():
+    with pytest.raises(ValueError, match="whole groups"):
+        split_groups(samples(2, 4)[:-1], 4, 2)
+
+
+def test_sampling_logprobs_uses_the_rollout_values_where_given():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, 0.0]], requires_grad=True)
+    work = [TrainSample([0, 1, 2, 3], 1, 0.0, [-0.5, -0.6, -0.7]), TrainSample([0, 1, 2], 1, 0.0)]
+    old = sampling_logprobs(logprobs, work)
+    torch.testing.assert_close(old, torch.tensor([[-0.5, -0.6, -0.7], [-4.0, -5.0, 0.0]]))
+    assert not old.requires_grad
+
+
+def test_add_step_metrics_sums_mins_maxes_and_keeps_nan_grad_norms():
+    a = {"tokens": 10.0, "ratio_min": 0.9, "ratio_max": 1.1, "grad_norm": 2.0, "skipped": 0.0, "lr": 1e-5}
+    b = {"tokens": 5.0, "ratio_min": 0.8, "ratio_max": 1.05, "grad_norm": 3.0, "skipped": 1.0, "lr": 2e-5}
+    total = add_step_metrics(add_step_metrics({}, a), b)
+    assert total == {"tokens": 15.0, "ratio_min": 0.8, "ratio_max": 1.1, "grad_norm": 3.0, "skipped": 1.0,
+                     "lr": 2e-5}
+    assert math.isnan(add_step_metrics(a, {"grad_norm": math.nan})["grad_norm"])
+    assert math.isnan(add_step_metrics({"grad_norm": math.nan}, a)["grad_norm"])
