@@ -431,3 +431,37 @@ def test_markdown_to_html():
     assert "<ul><li>one</li><li>two</li></ul>" in page
     assert '<table><tr><th>a</th><th class="r">b</th></tr><tr><td>x</td><td class="r">1</td></tr></table>' in page
     assert '<p><img src="p.png" alt="cap"></p>' in page and "<style>" in page
+
+
+def test_launcher_starts_the_deepspeed_stages_and_data_dir_moves_the_data(tmp_path):
+    launcher = ("accelerate", "launch", "--config_file", "z.yaml")
+    p = default_paths(tmp_path, data_dir=tmp_path / "data", launcher=launcher)
+    commands = {s.name: stage_command(s, p) for s in STAGES}
+    for name in ("sft", "rm", "dpo"):
+        assert tuple(commands[name][:4]) == launcher, name
+    assert commands["grpo"][0] == sys.executable  # its ranks are Ray actors
+    assert str(tmp_path / "data" / "sft.jsonl") in commands["sft"]
+    assert str(tmp_path / "data" / "prompts.jsonl") in commands["grpo"]
+
+
+def test_dpo_trained_as_one_run_finishes_the_stage_and_starts_grpo(fake, tmp_path):
+    _, paths, _ = fake
+    script = tmp_path / "fake_recipe.py"  # writes final/config.json, never report.json
+    dpo = next(s for s in STAGES if s.name == "dpo")
+    run_pipeline([Stage("dpo", script, lambda p: [], dpo.outputs, dpo.other_outputs)], paths, env=dict(os.environ))
+    assert paths.finished("dpo")
+    assert grpo_start(paths) == paths.stage_dir("dpo") / "final"
+
+
+def test_the_7b_pipeline_preset_parses_and_its_stage_presets_exist():
+    cfg = parse_config(PipelineConfig, ["--config", str(REPO / "recipes/configs/pipeline/qwen2.5-7b.yaml")])
+    assert cfg.base_model_path and cfg.data_dir and cfg.launcher.startswith("accelerate launch")
+    for name in STAGE_NAMES_WITH_PRESETS:
+        args = getattr(cfg, f"{name}_args").split()
+        preset = REPO / args[args.index("--config") + 1]
+        assert preset.is_file(), preset
+    launcher_config = cfg.launcher.split()[cfg.launcher.split().index("--config_file") + 1]
+    assert (REPO / launcher_config).is_file()
+
+
+STAGE_NAMES_WITH_PRESETS = ("sft", "rm", "dpo", "grpo")

@@ -1,6 +1,7 @@
 """recipes/reward_model.py end to end on the tiny model: trains, resumes, exports a checkpoint transformers loads as
 `Qwen2ForSequenceClassification`, and reports held-out pair accuracy before and after."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from align.config import load_config
 from align.defaults import base_model_dir, cache_dir, reward_model_dir, stage_name
 from align.tasks import TaskDataConfig
 from align.tiny import build_tiny
@@ -89,3 +91,13 @@ def test_default_reward_model_reaches_0_9_and_reward_eval_shows_it(tmp_path):
     assert result["accuracy"] >= 0.9, result
     recorded = json.loads((rm.parent / "eval.json").read_text())["after training"]
     assert abs(result["accuracy"] - recorded["accuracy"]) < 1e-9  # reward-eval agrees with the recipe's report
+
+
+def test_the_7b_preset_loads():
+    spec = importlib.util.spec_from_file_location("reward_recipe", REPO / "recipes" / "reward_model.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["reward_recipe"] = recipe  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(recipe)
+    preset = load_config(recipe.RewardConfig, REPO / "recipes/configs/reward_model/qwen2.5-7b.yaml")
+    assert (preset.model.dtype, preset.optim.epochs, preset.data.max_length) == ("bfloat16", 1.0, 4096)
+    assert preset.data.micro_batch_tokens >= 2 * preset.data.max_length
