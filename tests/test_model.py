@@ -90,7 +90,9 @@ def test_packed_equals_each_sequence_alone(name):
     grads_packed = torch.autograd.grad((packed * probe).sum(), list(model.parameters()))
     grads_alone = torch.autograd.grad((alone * probe).sum(), list(model.parameters()))
     for a, b in zip(grads_packed, grads_alone, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        # Relative to the tensor's scale, not per element: an embedding-gradient entry is a sum of terms up to ~100
+        # that cancels to ~1e-3, where float32 summation order alone moves it by ~1e-5 (torch 2.13 does).
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-5
 
 
 def test_packed_layout_argument_and_several_rows():
