@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from align.metrics import plot_curves, read_metrics
+from align.metrics import read_metrics
 from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES, write_text_atomic
 
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO (AdamW, OnDARE, OnTIES)", "grpo": "GRPO"}
@@ -232,19 +232,16 @@ def write_report(run_dir: Path) -> Path:
 
 
 def make_plots(run_dir: Path, out: Path) -> list[tuple[str, str]]:
-    """PNGs into `out`: held-out accuracy by stage, GRPO's curves, and each stage's own training curves."""
+    """PNGs into `out`: held-out accuracy by stage and each stage's own training curves (GRPO's among them)."""
     plots = []
     columns = accuracy_columns(run_dir)
     if columns:
         plot_accuracy(columns, out / "accuracy.png")
         plots.append(("Held-out accuracy after each stage", "accuracy.png"))
-    grpo_metrics = run_dir / "grpo" / "metrics.jsonl"
-    if grpo_metrics.is_file() and read_metrics(grpo_metrics):
-        plot_curves(grpo_metrics, out / "grpo_curves.png", GRPO_CURVES, title="GRPO: reward and accuracy per step")
-        plots.append(("GRPO: mean reward, accuracy and zero-variance groups per step", "grpo_curves.png"))
+    # GRPO's own curves.png already holds reward, accuracy, zero-variance groups, KL, entropy and the log-prob gap.
     copies = [("sft/loss.png", "SFT training"), ("rm/loss.png", "Reward-model training"),
               *((f"dpo/{v}/loss.png", f"DPO training, {v}") for v in DPO_VARIANTS),
-              ("grpo/curves.png", "GRPO: all logged curves")]
+              ("grpo/curves.png", "GRPO per step: reward, accuracy, zero-variance groups, KL, entropy, vLLM gap")]
     for source, caption in copies:
         if (run_dir / source).is_file():
             name = source.replace("/", "_")
