@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 class DistributedActor:
@@ -116,6 +120,32 @@ def form_process_group(actors: Sequence[ray.actor.ActorHandle], timeout_s: float
         calls.append(actor.init_process_group.remote(master_addr, master_port, rank, len(actors),
                                                      same_node.index(rank), len(same_node), timeout_s))
     ray.get(calls)
+
+
+def retry_after_restarts(call: Callable[[], T], lost: Callable[[Exception], bool], recover: Callable[[], int],
+                         max_retries: int, what: str) -> tuple[T, int]:
+    """call(); when it fails because an actor was lost (`lost(error)`; Ray restarts the actor), `recover()` and call
+    again, at most `max_retries` times. Returns the result and the restarts seen: one per retry, plus those
+    recover() reports (a re-sync can itself meet a restart)."""
+    retries = restarts = 0
+    while True:
+        try:
+            return call(), restarts
+        except Exception as error:
+            if retries == max_retries or not lost(error):
+                raise
+            retries += 1
+            tqdm.write(f"{what}: an actor was lost ({error}); retrying")
+            restarts += 1 + recover()
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """`parts` contiguous slices whose sizes differ by at most one (the first ones larger)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
 def zero3_inference_config() -> dict:

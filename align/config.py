@@ -32,7 +32,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import textwrap
 import types
 import typing
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from align.files import write_text_atomic
 
 T = TypeVar("T")
 MISSING = dataclasses.MISSING
@@ -353,20 +354,11 @@ def load_config(cls: type[T], path: str | Path) -> T:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Writes `cfg` as YAML, atomically (temp file + os.replace), so that `load_config` gives back an equal object."""
+    """Writes `cfg` as YAML, atomically, so that `load_config` gives back an equal object."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _flag(key: str) -> str:

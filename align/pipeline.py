@@ -62,6 +62,7 @@ from typing import Literal
 
 from align.config import parse_config, save_config
 from align.defaults import RECIPES, base_model_path, single_process_env
+from align.files import write_text_atomic
 
 DONE = ".done"
 STAGE_NAMES = ("sft", "rm", "dpo", "grpo")
@@ -383,11 +384,6 @@ def write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Through a temporary sibling renamed into place, so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def now() -> str:

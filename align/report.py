@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from align.files import write_text_atomic
 from align.metrics import read_metrics
-from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES, write_text_atomic
+from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES
 
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO (AdamW, OnDARE, OnTIES)", "grpo": "GRPO"}
 THROUGHPUT = {"sft": "training tokens/s", "rm": "training tokens/s", "dpo": "training tokens/s (mean of variants)",

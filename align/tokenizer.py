@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -31,6 +30,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from align.files import write_text_atomic
 
 # Control tokens in id order, right after the regular vocabulary (151643.. in Qwen2.5).
 CONTROL_TOKENS: list[str] = [
@@ -270,7 +271,7 @@ def _cached_merges(ranks_path: Path, ranks: dict[bytes, int]) -> list[tuple[int,
     elapsed = time.perf_counter() - started
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(cache_file, json.dumps(merges, separators=(",", ":")))
+        write_text_atomic(cache_file, json.dumps(merges, separators=(",", ":")))
     except OSError as error:  # a read-only home only costs the derivation time again next run
         message = f"could not cache merges at {cache_file} ({error}); deriving them took {elapsed:.1f} s"
         warnings.warn(message, stacklevel=2)
@@ -282,16 +283,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-align"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and rename it into place, so concurrent readers
-    (test workers, ranks of one job) see the old file or the whole new one, never a partial write."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as temporary:
-        try:
-            temporary.write(text)
-        except BaseException:
-            os.unlink(temporary.name)
-            raise
-    os.replace(temporary.name, path)
 
 
 # --- Small BPE for tiny models ------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import machine_description
+
+from align.files import write_text_atomic
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 COLUMNS = ("benchmark", "metric", "ours", "peer", "ratio", "target", "date", "machine")
@@ -238,11 +239,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Readers never see a half-written file: write a temporary file beside it, then rename it over."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -277,8 +273,8 @@ def main(argv: list[str] | None = None, scripts_dir: Path = BENCHMARKS_DIR) -> i
     print("\n" + table)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(len(os.sched_getaffinity(0))),
               "rows": rows}
-    write_atomically(results_dir / "all.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(results_dir / "all.md", table + "\n")
+    write_text_atomic(results_dir / "all.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(results_dir / "all.md", table + "\n")
     for name, returncode in failed.items():
         # Its JSON, if any, is from an earlier run: the table's date column says when.
         print(f"FAILED: {name} (exit {returncode})")

@@ -34,7 +34,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from align.actors import ActorResources
+from align.actors import ActorResources, retry_after_restarts
 from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
 from align.config import config_to_dict, parse_config, save_config
 from align.defaults import base_model_dir, reward_model_dir, sft_model_dir
@@ -305,15 +305,11 @@ def roll_out_and_score(query_ids: list[int], rollout: RolloutWorkerGroup, reward
     weights and the call is retried. Returns one payload per query, (batch, k) with its group at completions
     k*n .. k*n+n-1, and the rewards [Q, n]."""
     tic = time.perf_counter()
-    for attempt in range(rollout.args.max_restarts + 1):
-        try:
-            batch = rollout.generate([prompt_ids[q] for q in query_ids], sampling, policy_version=version)
-            break
-        except RolloutLost as lost:
-            if attempt == rollout.args.max_restarts:
-                raise
-            tqdm.write(f"{lost}; re-syncing policy version {version} and retrying")
-            tally["rollout_restarts"] += 1 + resync()  # resync counts restarts during the re-sync itself
+    batch, restarts = retry_after_restarts(
+        lambda: rollout.generate([prompt_ids[q] for q in query_ids], sampling, policy_version=version),
+        lost=lambda error: isinstance(error, RolloutLost), recover=resync, max_retries=rollout.args.max_restarts,
+        what=f"rollout (re-syncing policy version {version})")
+    tally["rollout_restarts"] += restarts
     tally["seconds_rollout"] += time.perf_counter() - tic
     tic = time.perf_counter()
     requests = [RewardRequest(prompt=rows[q]["prompt"], response=batch.text[k], task=rows[q])
@@ -350,17 +346,17 @@ def sync_rollout(policy: PolicyWorkerGroup, rollout: RolloutWorkerGroup, version
     """The policy's weights to every rollout actor, as `version`. A rollout actor that dies mid-sync is restarted
     by Ray (the policy ranks stay in step, see rollout.weight_sync.sync_weights): wait for it, sync again. Returns
     the number of such restarts."""
-    restarts = 0
-    while True:
-        try:
-            policy.sync_weights(rollout.actors, version, args.sync_bucket_mb * 2**20, args.dtype)
-            return restarts
-        except ray.exceptions.RayTaskError as error:
-            if restarts == args.max_restarts or not isinstance(error.cause, ray.exceptions.RayActorError):
-                raise
-            tqdm.write(f"a rollout actor was lost during the weight sync ({error.cause}); syncing again")
-            rollout.wait_until_ready()
-            restarts += 1
+    def lost(error: Exception) -> bool:
+        return isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, ray.exceptions.RayActorError)
+
+    def wait_for_restart() -> int:
+        rollout.wait_until_ready()
+        return 0
+
+    _, restarts = retry_after_restarts(
+        lambda: policy.sync_weights(rollout.actors, version, args.sync_bucket_mb * 2**20, args.dtype),
+        lost=lost, recover=wait_for_restart, max_retries=args.max_restarts, what="weight sync")
+    return restarts
 
 
 def save_checkpoint(policy: PolicyWorkerGroup, scheduler: QueryScheduler, out: Path, step: int,

@@ -43,7 +43,14 @@ import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
-from align.actors import ActorResources, DistributedActor, form_process_group, start_actors, zero3_inference_config
+from align.actors import (
+    ActorResources,
+    DistributedActor,
+    form_process_group,
+    split_evenly,
+    start_actors,
+    zero3_inference_config,
+)
 from align.data import PreferencePair, parse_pair
 from align.data.pairs import tokenize_pair
 from align.tokenizer import load_tokenizer
@@ -296,15 +303,6 @@ class RewardActor(DistributedActor):
         for _ in range(int(calls) - len(chunks)):  # keep step with the other ranks' parameter gathers
             score_sequences(self.model, dummy, self.args.batch_tokens)
         return torch.cat(scores).cpu() if scores else torch.zeros(0)
-
-
-def split_evenly(items: Sequence, parts: int) -> list[list]:
-    """`parts` contiguous slices whose sizes differ by at most one (the first ones larger)."""
-    size, extra = divmod(len(items), parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + size + (part < extra))
-    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
 class RewardWorkerGroup:

@@ -211,7 +211,7 @@ class QueryScheduler:
         query_ids = self.next_batch(batch_size)
         drawn = list(query_ids)
         kept_ids, kept_payloads, kept_rewards, dropped = [], [], [], []
-        num_zero = 0
+        zero_before = self.counts["zero_variance_groups"]  # observe() counts them
         cap = math.floor(self.config.max_resample_factor * batch_size)
         replacements = 0
         while True:
@@ -220,7 +220,6 @@ class QueryScheduler:
                 raise ValueError(f"rollout returned {len(payloads)} payloads and rewards {tuple(rewards.shape)} for "
                                  f"{len(query_ids)} queries")
             keep = self.observe(query_ids, rewards)
-            num_zero += int((reward_variance(rewards) <= self.config.zero_variance_tol).sum())
             for i, query in enumerate(query_ids):
                 if keep[i]:
                     kept_ids.append(query)
@@ -237,6 +236,7 @@ class QueryScheduler:
             self.counts["replacement_queries"] += need
         group_size = kept_rewards[0].shape[0] if kept_rewards else rewards.shape[1]
         stacked = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, group_size)  # [K, G]
+        num_zero = self.counts["zero_variance_groups"] - zero_before
         return ScheduledBatch(kept_ids, kept_payloads, stacked, dropped, len(drawn), num_zero)
 
     # ---- the two steps of collect, for trainers that drive rollouts themselves ----------------------------------

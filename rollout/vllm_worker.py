@@ -35,12 +35,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
-from align.actors import ActorResources, start_actors
+from align.actors import ActorResources, split_evenly, start_actors
 from align.model import PackedLayout
 from align.model.config import DTYPES
 from rollout.weight_sync import (
@@ -288,18 +289,6 @@ class RolloutActor:
             raise StaleWeightsError(f"rollout engine serves {state}, the call expects policy version {expected}")
 
 
-def split_evenly(items: Sequence, parts: int) -> list[tuple[int, list]]:
-    """`parts` contiguous slices whose sizes differ by at most one (the first ones larger), each with the index
-    of its first item."""
-    size, extra = divmod(len(items), parts)
-    slices, start = [], 0
-    for part in range(parts):
-        end = start + size + (part < extra)
-        slices.append((start, list(items[start:end])))
-        start = end
-    return slices
-
-
 def get_all(refs: Sequence[ray.ObjectRef]) -> list:
     """ray.get of every reference, raising the first error only after all have finished (so that no actor's
     error is left unretrieved, and no call is still running when the caller moves on)."""
@@ -328,9 +317,10 @@ class RolloutWorkerGroup:
     def generate(self, prompt_token_ids: Sequence[list[int]], sampling: RolloutSampling,
                  policy_version: int) -> RolloutBatch:
         """`sampling.n` completions per prompt, in prompt order; each actor samples one contiguous slice."""
+        slices = split_evenly(prompt_token_ids, len(self.actors))
+        firsts = [0, *accumulate(len(part) for part in slices[:-1])]  # each slice's first prompt's index
         calls = [actor.generate.remote(prompts, sampling, policy_version, first)
-                 for actor, (first, prompts) in zip(self.actors, split_evenly(prompt_token_ids, len(self.actors)),
-                                                    strict=True) if prompts]
+                 for actor, first, prompts in zip(self.actors, firsts, slices, strict=True) if prompts]
         try:
             return RolloutBatch.concat(get_all(calls))
         except (ray.exceptions.RayActorError, StaleWeightsError) as error:
@@ -345,8 +335,7 @@ class RolloutWorkerGroup:
     def score(self, sequences: Sequence[list[int]], policy_version: int) -> list[list[float]]:
         """Every sequence's token log-probs (RolloutActor.score), split across the actors."""
         calls = [actor.score.remote(part, policy_version)
-                 for actor, (_, part) in zip(self.actors, split_evenly(sequences, len(self.actors)), strict=True)
-                 if part]
+                 for actor, part in zip(self.actors, split_evenly(sequences, len(self.actors)), strict=True) if part]
         return [row for part in get_all(calls) for row in part]
 
     def sync_weights(self, named_params: Iterable[tuple[str, torch.Tensor]], version: int, max_bucket_bytes: int,

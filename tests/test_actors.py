@@ -2,7 +2,7 @@
 
 import pytest
 
-from align.actors import ActorResources
+from align.actors import ActorResources, retry_after_restarts, split_evenly
 
 
 def test_actor_resources_check_their_fields_and_name_the_accelerator():
@@ -14,3 +14,37 @@ def test_actor_resources_check_their_fields_and_name_the_accelerator():
         ActorResources(num_gpus=-1)
     with pytest.raises(ValueError, match="num_actors=0"):
         ActorResources(num_actors=0)
+
+
+def test_split_evenly_gives_contiguous_slices_the_first_ones_larger():
+    assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+    assert split_evenly([7], 3) == [[7], [], []]
+    assert split_evenly([], 2) == [[], []]
+
+
+def test_retry_after_restarts_retries_lost_actors_only_and_counts_restarts():
+    failures = [LookupError("lost"), LookupError("lost")]
+
+    def call():
+        if failures:
+            raise failures.pop()
+        return "done"
+
+    recovered = []
+
+    def recover():
+        recovered.append(1)
+        return 1  # the recovery itself met one more restart
+
+    result = retry_after_restarts(call, lost=lambda e: isinstance(e, LookupError), recover=recover, max_retries=2,
+                                  what="test")
+    assert result == ("done", 4) and len(recovered) == 2  # 2 retries, each recover() saw one more restart
+
+    failures[:] = [LookupError("lost")] * 3
+    with pytest.raises(LookupError):
+        retry_after_restarts(call, lost=lambda e: True, recover=lambda: 0, max_retries=2, what="test")
+    assert not failures  # called 3 times: once plus 2 retries
+    failures[:] = [ValueError("a bug, not a lost actor")]
+    with pytest.raises(ValueError):
+        retry_after_restarts(call, lost=lambda e: isinstance(e, LookupError), recover=lambda: 0, max_retries=5,
+                             what="test")

@@ -24,7 +24,6 @@ from reward.worker import (
     check_requests,
     combine_rewards,
     greedy_chunks,
-    split_evenly,
 )
 
 SMALL = TaskDataConfig(arithmetic_sft=20, code_sft=20, arithmetic_prompts=2, code_prompts=2, eval_per_level=6)
@@ -74,9 +73,7 @@ def test_greedy_chunks_are_score_sequences_forward_calls():
     assert greedy_chunks([], 10) == []
 
 
-def test_split_evenly_and_args_checks():
-    assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
-    assert split_evenly([7], 3) == [[7], [], []]
+def test_args_checks():
     with pytest.raises(ValueError, match="model_path, verifiers"):
         RewardWorkerArgs()
     with pytest.raises(ValueError, match="unknown"):

@@ -26,7 +26,6 @@ from rollout.vllm_worker import (
     RolloutWorkerGroup,
     policy_logprobs,
     sample_seed,
-    split_evenly,
 )
 from rollout.weight_sync import (
     CudaIpcTransport,
@@ -163,9 +162,7 @@ def test_gpu_transports_are_documented_stubs():
             transport()
 
 
-def test_split_seeds_and_padding():
-    assert split_evenly(list(range(5)), 2) == [(0, [0, 1, 2]), (3, [3, 4])]
-    assert split_evenly([7], 3) == [(0, [7]), (1, []), (1, [])]
+def test_seeds_and_padding():
     assert sample_seed(0, 1) != sample_seed(1, 0) and sample_seed(0, 1) == sample_seed(0, 1)
     batch = RolloutBatch(3, 2, [[1], [2]], [[5, 6], [7], [8, 9, 10], [11]], [[-1, -2], [-3], [-4, -5, -6], [-7]],
                          ["", "", "", ""], ["length"] * 4)

@@ -5,14 +5,12 @@ order into eval, then RL prompts, then SFT. So the splits never share a problem,
 only on the seed and `eval_per_level`: growing the training splits does not change it.
 """
 
-import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from align.files import write_jsonl_atomic
 from align.tasks import arithmetic, code
 from align.tasks.preferences import preference_pairs
 from align.tasks.problem import Problem
@@ -147,18 +145,6 @@ def prompt_row(problem: Problem) -> dict:
     }
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Writes to a temporary file in the same directory, then renames, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_task_data(
@@ -176,10 +162,10 @@ def write_task_data(
     for split, problems in splits.items():
         paths[split] = output_dir / f"{split}.jsonl"
         to_row = sft_row if split == "sft" else prompt_row
-        _write_jsonl_atomic(paths[split], [to_row(p) for p in problems])
+        write_jsonl_atomic(paths[split], [to_row(p) for p in problems])
     for name, split in (("pairs", "sft"), ("pairs_eval", "eval")):
         paths[name] = output_dir / f"{name}.jsonl"
-        _write_jsonl_atomic(paths[name], preference_pairs(splits[split], seed))
+        write_jsonl_atomic(paths[name], preference_pairs(splits[split], seed))
     return paths
 
 
