@@ -30,9 +30,9 @@ align.run.refuse_other_runs). A stage child dies with the pipeline (Ctrl-C, SIGT
 never races an orphan.
 
 Time budget (the issue: set-up plus the whole pipeline in at most 30 minutes on the 2-core machine). The recipes'
-own defaults take ~45 min in all; the per-stage defaults below trim RM to one epoch, DPO to 500 prompts and GRPO to
-20 steps over 200 prompts. Measured from a fresh machine (2026-12-02): set-up 4 min, base model 8.5 min (once per
-machine), SFT 4.9, RM 4.6, DPO 5.1, GRPO 5.2 min.
+own defaults take ~45 min in all; the per-stage defaults below trim RM to 0.6 epoch, DPO to 350 prompts and GRPO
+to 20 steps over 200 prompts. Measured from a fresh machine with cold caches (2026-12-03): set-up 4.5 min, base
+model 9.4 min (once per machine), SFT 7.9, RM 4.3, DPO 5.8, GRPO 7.7 min (39 min; the target is 30).
 
 Real models: `--base-model-path` (e.g. Qwen2.5-7B), `--data-dir` (the stages' data files), `--launcher` (how the
 DeepSpeed stages start: `accelerate launch --config_file ...` on GPUs) and each stage's preset in --STAGE-args;
