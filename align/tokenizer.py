@@ -283,8 +283,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-align"
 
 
-
-
 # --- Small BPE for tiny models ------------------------------------------------------------------------------
 
 

@@ -334,7 +334,7 @@ def score_all_queries(scheduler: QueryScheduler, roll_out: Callable, chunk: int,
         rewards.append(roll_out(ids[start:start + chunk])[1])
     rewards = torch.cat(rewards)  # [Q, G]
     scheduler.seed_estimates(ids, rewards)
-    zero = reward_variance(rewards) <= scheduler.config.zero_variance_tol  # [Q]
+    zero = scheduler.config.is_zero_variance(reward_variance(rewards))  # [Q]
     summary = {"queries": len(ids), "seconds": time.perf_counter() - tic, "reward_mean": float(rewards.mean()),
                "zero_variance_fraction": float(zero.double().mean())}
     output.write_text(json.dumps(summary, indent=2) + "\n")

@@ -146,6 +146,10 @@ class SchedulerConfig:
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"SchedulerConfig.seed={self.seed}: must be in [0, 2**31)")
 
+    def is_zero_variance(self, variance: torch.Tensor) -> torch.Tensor:
+        """variance [Q] (reward_variance) -> [Q] bool: the groups that count as zero-variance."""
+        return variance <= self.zero_variance_tol
+
 
 def reward_variance(rewards: torch.Tensor) -> torch.Tensor:
     """Unbiased sample variance (divisor G - 1) of each group's rewards. rewards [Q, G], G >= 2 -> [Q] float64.
@@ -275,7 +279,7 @@ class QueryScheduler:
             rewards: [len(query_ids), G] the rewards of each query's G sampled responses.
         """
         variance = reward_variance(rewards)  # [Q']
-        zero = variance <= self.config.zero_variance_tol  # [Q']
+        zero = self.config.is_zero_variance(variance)  # [Q']
         for query, var, is_zero in zip(query_ids, variance, zero.tolist(), strict=True):
             self._set_estimate(query, var)
             self.clock += 1

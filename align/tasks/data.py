@@ -145,8 +145,6 @@ def prompt_row(problem: Problem) -> dict:
     }
 
 
-
-
 def write_task_data(
     output_dir: str | Path, config: TaskDataConfig = TaskDataConfig(), seed: int = 0
 ) -> dict[str, Path]:
