@@ -148,6 +148,16 @@ def split_evenly(items: Sequence, parts: int) -> list[list]:
     return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
 
 
+def slice_starts(slices: Sequence[Sequence]) -> list[int]:
+    """The index in the whole of each slice's first item: [[a, b, c], [d, e]] -> [0, 3]. A rollout actor seeds
+    prompt `start + i` of its slice as the whole call's prompt `start + i`, so samples do not depend on how many
+    actors share the call."""
+    starts = [0]
+    for part in slices[:-1]:
+        starts.append(starts[-1] + len(part))
+    return starts
+
+
 def zero3_inference_config() -> dict:
     """DeepSpeed config for parameter partitioning without an optimizer: ZeRO-3 with no optimizer creates only
     its parameter-offload wrapper (partitioning, gather/release hooks around each module's forward)."""

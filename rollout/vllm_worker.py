@@ -35,13 +35,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
-from align.actors import ActorResources, split_evenly, start_actors
+from align.actors import ActorResources, slice_starts, split_evenly, start_actors
 from align.model import PackedLayout
 from align.model.config import DTYPES
 from rollout.weight_sync import (
@@ -318,9 +317,8 @@ class RolloutWorkerGroup:
                  policy_version: int) -> RolloutBatch:
         """`sampling.n` completions per prompt, in prompt order; each actor samples one contiguous slice."""
         slices = split_evenly(prompt_token_ids, len(self.actors))
-        firsts = [0, *accumulate(len(part) for part in slices[:-1])]  # each slice's first prompt's index
         calls = [actor.generate.remote(prompts, sampling, policy_version, first)
-                 for actor, first, prompts in zip(self.actors, firsts, slices, strict=True) if prompts]
+                 for actor, first, prompts in zip(self.actors, slice_starts(slices), slices, strict=True) if prompts]
         try:
             return RolloutBatch.concat(get_all(calls))
         except (ray.exceptions.RayActorError, StaleWeightsError) as error:

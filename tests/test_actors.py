@@ -2,7 +2,7 @@
 
 import pytest
 
-from align.actors import ActorResources, retry_after_restarts, split_evenly
+from align.actors import ActorResources, retry_after_restarts, slice_starts, split_evenly
 
 
 def test_actor_resources_check_their_fields_and_name_the_accelerator():
@@ -20,6 +20,17 @@ def test_split_evenly_gives_contiguous_slices_the_first_ones_larger():
     assert split_evenly(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
     assert split_evenly([7], 3) == [[7], [], []]
     assert split_evenly([], 2) == [[], []]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5, 8])
+def test_slice_starts_give_every_item_its_index_in_the_whole_however_it_is_split(parts):
+    items = list(range(7))
+    slices = split_evenly(items, parts)
+    starts = slice_starts(slices)
+    assert [start + i for start, part in zip(starts, slices, strict=True) for i in range(len(part))] == items
+    assert all(part[0] == start for start, part in zip(starts, slices, strict=True) if part)
+    assert slice_starts([["a", "b", "c"], ["d", "e"]]) == [0, 3]
+    assert slice_starts([[], ["x"]]) == [0, 0]
 
 
 def test_retry_after_restarts_retries_lost_actors_only_and_counts_restarts():
