@@ -26,7 +26,9 @@ fewer packed chunks than the busiest one runs a one-token dummy sequence for eac
 on the driver before dispatch, so that a bad row cannot raise on one rank while its peers wait in a collective.
 
 Verifier checks run in each actor's small thread pool (they mostly wait on sandboxed child processes), started
-before the model's forward passes so the two overlap.
+before the model's forward passes so the two overlap. Each distinct (prompt, response, task) of a slice is scored
+once and its result copied to the repeats: a GRPO group of a confident policy holds the same completion several
+times over, and every check of a code answer is a sandboxed process.
 
 The group setup (`start_actors`, `form_process_group`, `DistributedActor`) lives in align.actors, shared with
 the GRPO policy group.
@@ -34,8 +36,9 @@ the GRPO policy group.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -243,6 +246,24 @@ def greedy_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return chunks
 
 
+def first_occurrences(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """(positions of each distinct key's first occurrence, for every position the index of its key among them).
+    Example: keys [a, b, a] -> ([0, 1], [0, 1, 0])."""
+    index_of: dict[Hashable, int] = {}
+    firsts, inverse = [], []
+    for position, key in enumerate(keys):
+        if key not in index_of:
+            index_of[key] = len(firsts)
+            firsts.append(position)
+        inverse.append(index_of[key])
+    return firsts, inverse
+
+
+def request_key(request: RewardRequest) -> str:
+    """Equal for requests that every scorer must score alike: same prompt, response and task row."""
+    return json.dumps([request.prompt, request.response, request.task], sort_keys=True, default=str)
+
+
 class RewardActor(DistributedActor):
     """One reward actor (a Ray actor through RewardWorkerGroup; a plain object works in-process too)."""
 
@@ -277,7 +298,16 @@ class RewardActor(DistributedActor):
         return {name: (p.ds_tensor.numel(), p.ds_numel) for name, p in self.model.named_parameters()}
 
     def score(self, requests: list[RewardRequest]) -> SampleScores:
-        """Model scores and verifier verdicts of `requests`; with zero3, every rank must call it at once."""
+        """Model scores and verifier verdicts of `requests`, each distinct request scored once; with zero3, every
+        rank must call it at once."""
+        firsts, inverse = first_occurrences([request_key(r) for r in requests])
+        distinct = self._score_distinct([requests[i] for i in firsts])
+        index = torch.tensor(inverse, dtype=torch.long)
+        return SampleScores(None if distinct.model_score is None else distinct.model_score[index],
+                            None if distinct.verifier_pass is None else distinct.verifier_pass[index],
+                            tuple(distinct.reason[i] for i in inverse))
+
+    def _score_distinct(self, requests: list[RewardRequest]) -> SampleScores:
         verdicts = [[self.pool.submit(VERIFIERS[name], r.task, r.response) for name in self.args.verifiers]
                     for r in requests] if self.pool else None
         model_score = self._model_scores(requests) if self.model is not None else None

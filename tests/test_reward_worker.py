@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import reward.worker
 from align.actors import ActorResources
 from align.data import load_rows, tokenize_pairs
 from align.tasks import TaskDataConfig
@@ -18,11 +19,13 @@ from reward.evaluate import score_sequences
 from reward.model import load_reward_model, save_reward_model
 from reward.verifiers import check_task
 from reward.worker import (
+    RewardActor,
     RewardRequest,
     RewardWorkerArgs,
     RewardWorkerGroup,
     check_requests,
     combine_rewards,
+    first_occurrences,
     greedy_chunks,
 )
 
@@ -71,6 +74,12 @@ def test_greedy_chunks_are_score_sequences_forward_calls():
     assert [len(c) for c in chunks] == model.calls == [2, 1, 1, 3, 1, 1]
     assert [i for c in chunks for i in c] == list(range(len(lengths)))
     assert greedy_chunks([], 10) == []
+
+
+def test_first_occurrences_by_hand():
+    assert first_occurrences(["a", "b", "a", "c", "b", "a"]) == ([0, 1, 3], [0, 1, 0, 2, 1, 0])
+    assert first_occurrences(["x", "y"]) == ([0, 1], [0, 1])
+    assert first_occurrences([]) == ([], [])
 
 
 def test_args_checks():
@@ -194,6 +203,39 @@ def test_zero3_two_ranks_equal_one_process_and_partition(rm_dir, ray_session):
     total_local = sum(local for rank_sizes in sizes for local, _ in rank_sizes.values())
     total_full = sum(full for _, full in sizes[0].values())
     assert total_full <= total_local < total_full + 2 * len(sizes[0])  # partitions cover each tensor once (+padding)
+
+
+def test_repeated_requests_are_scored_once(rm_dir, monkeypatch):
+    """An in-process actor given each request three times over runs one verifier check and scores one sequence per
+    distinct request, and returns for every position what scoring it alone gives."""
+    rm, pairs_file = rm_dir
+    distinct, _ = requests_from_pairs(pairs_file, per_family=2)
+    # same prompt and response but another task row: a different request (its answer decides the verdict)
+    other_task = dict(distinct[0].task, answer="-1")
+    distinct.append(RewardRequest(distinct[0].prompt, distinct[0].response, other_task))
+    requests = [distinct[i] for i in [0, 1, 0, 2, 3, 0] + list(range(len(distinct))) + [9, 1, 9]]
+    checked, scored_sequences = [], []
+
+    def counting_check(task, response):
+        checked.append((json.dumps(task, sort_keys=True), response))
+        return check_task(task, response)
+
+    def counting_score(model, sequences, max_tokens):
+        scored_sequences.extend(map(tuple, sequences))
+        return score_sequences(model, sequences, max_tokens)
+
+    monkeypatch.setitem(reward.worker.VERIFIERS, "task", counting_check)
+    monkeypatch.setattr(reward.worker, "score_sequences", counting_score)
+    actor = RewardActor(RewardWorkerArgs(model_path=str(rm), verifiers=("task",)))
+    actor.load_model()
+    scored = actor.score(requests)
+    assert len(checked) == len(set(checked)) == len(distinct)
+    assert len(scored_sequences) == len(distinct)
+    torch.testing.assert_close(scored.model_score, expected_scores(rm, requests), atol=1e-5, rtol=0)
+    expected = [check_task(r.task, r.response) for r in requests]
+    assert scored.verifier_pass.tolist() == [v.passed for v in expected]
+    assert list(scored.reason) == [v.reason for v in expected]
+    assert expected[0].passed and not check_task(other_task, distinct[0].response).passed
 
 
 def test_requests_match_reward_eval_rows(rm_dir):
