@@ -188,7 +188,8 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
     """The real recipe in a subprocess, its per-step clocks read from metrics.jsonl."""
     command = [
         sys.executable, str(RECIPE), "--policy-model-path", str(model_path), "--data-prompts-path",
-        str(prompts_path), "--data-eval-path", "none", "--no-default-reward-model", "--output-dir", str(output_dir),
+        str(prompts_path), "--data-levels", "", "--data-eval-path", "none", "--no-default-reward-model",
+        "--output-dir", str(output_dir),
         "--steps", str(steps), "--queries-per-step", str(queries), "--rollout-n", str(GROUP),
         "--rollout-max-tokens", str(tokens), "--rollout-ignore-eos", "--rollout-max-model-len", str(MAX_MODEL_LEN),
         "--rollout-resources-torch-threads", str(threads), "--policy-resources-torch-threads", str(threads),

@@ -36,7 +36,8 @@ def grpo_args(tiny_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     # the reward model (here the random init with a score head) makes rewards vary, as a real RM does. Summed: the
     # default "gated" combination would count the model's score only for answers that pass, i.e. never here.
     return ["--policy-model-path", str(tiny_dir), "--data-prompts-path", str(tiny_dir / "data" / "prompts.jsonl"),
-            "--data-eval-path", "none", "--no-default-reward-model", "--reward-model-path", str(tiny_dir),
+            "--data-levels", "", "--data-eval-path", "none", "--no-default-reward-model",
+            "--reward-model-path", str(tiny_dir),
             "--reward-model-weight", "1.0", "--reward-combination", "sum", "--queries-per-step", "3",
             "--rollout-n", "4", "--rollout-max-tokens", "24", "--rollout-max-model-len", "256",
             "--policy-micro-batch-tokens", "256", "--output-dir", str(output_dir), *extra]

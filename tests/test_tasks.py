@@ -18,6 +18,7 @@ from align.tasks import (
     extract_boxed_answer,
     generate_problems,
     normalize_problem_text,
+    select_levels,
     write_task_data,
 )
 from align.tasks.__main__ import main as tasks_main
@@ -330,3 +331,16 @@ def test_command_line_writes_the_splits(tmp_path, capsys):
     assert "sft:" in capsys.readouterr().out
     assert len(read_jsonl(tmp_path / "sft.jsonl")) == 20
     assert {r["family"] for r in read_jsonl(tmp_path / "eval.jsonl")} == {"arithmetic"}
+
+
+def test_select_levels_keeps_listed_levels_in_order():
+    rows = [{"family": "code", "difficulty": 3, "id": 0}, {"family": "arithmetic", "difficulty": 3, "id": 1},
+            {"family": "code", "difficulty": 2, "id": 2}, {"family": "arithmetic", "difficulty": 4, "id": 3}]
+    kept = select_levels(rows, ("arithmetic:4", "code:3", "arithmetic:3"), "p.jsonl")
+    assert [r["id"] for r in kept] == [0, 1, 3]
+    assert select_levels(rows, (), "p.jsonl") == rows
+    assert select_levels(rows, ("code:5",), "p.jsonl") == []
+    with pytest.raises(ValueError, match="expected family:difficulty"):
+        select_levels(rows, ("code",), "p.jsonl")
+    with pytest.raises(ValueError, match="p.jsonl row 1: field 'difficulty' missing"):
+        select_levels([rows[0], {"family": "code"}], ("code:3",), "p.jsonl")

@@ -12,6 +12,7 @@ from align.tasks.data import (
     corpus_texts,
     generate_problems,
     prompt_row,
+    select_levels,
     sft_row,
     write_task_data,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "generate_problems",
     "normalize_problem_text",
     "prompt_row",
+    "select_levels",
     "sft_row",
     "write_task_data",
 ]

@@ -6,7 +6,7 @@ only on the seed and `eval_per_level`: growing the training splits does not chan
 """
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -143,6 +143,28 @@ def prompt_row(problem: Problem) -> dict:
         "tests": list(problem.tests),
         "entry_point": problem.entry_point,
     }
+
+
+def select_levels(rows: Sequence[Mapping], levels: Sequence[str], source: str) -> list[Mapping]:
+    """The rows whose "family:difficulty" (e.g. "code:3") is in `levels`, in order; every row if `levels` is empty.
+    A row without a family or difficulty raises, naming `source`, the row and the field."""
+    if not levels:
+        return list(rows)
+    wanted = set()
+    for level in levels:
+        family, _, difficulty = level.partition(":")
+        if not difficulty.isdigit():
+            raise ValueError(f"level {level!r}: expected family:difficulty, e.g. 'code:3'")
+        wanted.add((family, int(difficulty)))
+    kept = []
+    for index, row in enumerate(rows):
+        for name in ("family", "difficulty"):
+            if name not in row:
+                raise ValueError(f"{source} row {index}: field {name!r} missing (rows are picked by family:difficulty;"
+                                 " an empty level list keeps them all)")
+        if (row["family"], row["difficulty"]) in wanted:
+            kept.append(row)
+    return kept
 
 
 def write_task_data(
