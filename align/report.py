@@ -10,7 +10,7 @@ Everything is read from what the recipes write, in these shapes (see their write
                           ("before" is missing when the run was resumed)
     RUN/dpo/report.json   {"accuracy": {"SFT" | "DPO-AdamW" | ...: E}, "reference_likelihood": {model: {key: x}},
                           "pairs": {...}, "training_last_record": {variant: record}, "seconds": {...}, "models": {..}}
-    RUN/grpo/eval.json    {"before (SFT)": E, "after GRPO": E}
+    RUN/grpo/eval.json    {"before GRPO": E, "after GRPO": E}
     RUN/<stage>/metrics.jsonl (DPO: RUN/dpo/<variant>/metrics.jsonl), RUN/<stage>/.done (align.pipeline)
 
 The Markdown is built by pure functions of the run directory; a missing stage shows as "not run yet", so a partial
@@ -47,7 +47,8 @@ def load_json(path: Path) -> dict | None:
 
 
 def accuracy_columns(run_dir: Path) -> dict[str, dict]:
-    """Column name -> EvalReport dict, in pipeline order: the base, SFT, each DPO variant, GRPO (those present).
+    """Column name -> EvalReport dict, in pipeline order: the base, SFT, each DPO variant, GRPO's start and GRPO
+    (those present).
     DPO's own "SFT" column is left out: it is the same model as SFT's "after" (on DPO's eval rows)."""
     columns = {}
     sft = load_json(run_dir / "sft" / "eval.json") or {}
@@ -55,6 +56,11 @@ def accuracy_columns(run_dir: Path) -> dict[str, dict]:
     dpo = load_json(run_dir / "dpo" / "report.json") or {}
     columns.update({name: r for name, r in dpo.get("accuracy", {}).items() if name != "SFT"})
     grpo = load_json(run_dir / "grpo" / "eval.json") or {}
+    # GRPO's start model again, on GRPO's own eval rows (more per level than the other stages'), so that its
+    # effect reads from two columns of the same problems. "before (SFT)": the key of runs before 2026-12-03.
+    start = grpo.get("before GRPO", grpo.get("before (SFT)"))
+    if start is not None and "after GRPO" in grpo:
+        columns["GRPO start"] = start
     if "after GRPO" in grpo:
         columns["GRPO"] = grpo["after GRPO"]
     return columns

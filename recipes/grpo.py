@@ -289,7 +289,7 @@ def main(cfg: GRPOConfig) -> None:
         group.close()
     print(f"exported {final_dir}")
     if eval_rows:  # both models in one vLLM process: its import alone costs ~16 s here
-        reports = evaluate_checkpoints({"before (SFT)": policy_path, "after GRPO": final_dir}, eval_rows)
+        reports = evaluate_checkpoints({"before GRPO": policy_path, "after GRPO": final_dir}, eval_rows)
         print("\nheld-out accuracy (greedy):\n" + format_accuracy_table(reports))
         (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
 

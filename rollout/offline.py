@@ -20,6 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def vllm_process_env(on_gpus: bool) -> dict[str, str]:
+    """Environment variables for a process that runs a vLLM engine in-process (offline generation, a rollout actor).
+
+    vLLM's sampler helpers are torch.compile'd even with enforce_eager. On the CPU, compiling them on a machine with
+    an empty compile cache took 46 s of a 79 s held-out evaluation (a warm cache: 37 s; dynamo disabled: 33 s, the
+    same answers), and a fresh machine pays that in its first vLLM processes; so on the CPU they run eagerly."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine core in this process, not in a spawned one
+    if not on_gpus:
+        env["TORCHDYNAMO_DISABLE"] = "1"
+    return env
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to sample: vLLM's SamplingParams fields this project uses."""
@@ -63,9 +75,11 @@ def generate_many(jobs: list[tuple[str | Path, list[str]]], spec: SamplingSpec, 
                    "dtype": dtype, "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization}
         in_path, out_path = Path(tmp) / "request.json", Path(tmp) / "completions.json"
         in_path.write_text(json.dumps(request))
+        import torch
+
+        # In-process engine core: a spawned one would import vLLM again (~16 s per model).
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-               # The engine core in this process, not in a spawned one that imports vLLM again (~16 s per model).
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+               **vllm_process_env(on_gpus=torch.cuda.is_available())}
         subprocess.run([sys.executable, "-m", "rollout.offline", str(in_path), str(out_path)], check=True, env=env)
         raw = json.loads(out_path.read_text())
     return [[[Completion(**c) for c in per_prompt] for per_prompt in job] for job in raw]

@@ -43,6 +43,7 @@ from ray.util.placement_group import remove_placement_group
 from align.actors import ActorResources, slice_starts, split_evenly, start_actors
 from align.model import PackedLayout
 from align.model.config import DTYPES
+from rollout.offline import vllm_process_env
 from rollout.weight_sync import (
     WEIGHT_SYNC_EXTENSION,
     RayObjectStoreTransport,
@@ -309,7 +310,7 @@ class RolloutWorkerGroup:
     def __init__(self, args: RolloutWorkerArgs):
         self.args = args
         self._placement_group, self.actors = start_actors(RolloutActor, args.resources,
-                                                          {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, args,
+                                                          vllm_process_env(args.resources.num_gpus > 0), args,
                                                           max_restarts=args.max_restarts)
         self._pids = [info["pid"] for info in self.info()]  # waits for every engine; a new pid means a restart
 

@@ -370,7 +370,7 @@ def fake_run(run: Path) -> None:
                                      "rewards_rejected": -0.05} for v in ("adamw", "ondare")},
         "seconds": {"build_pairs": 100.0, "train": {"adamw": 60.0, "ondare": 61.0}, "evaluate": 30.0, "total": 251.0},
         "models": {}})
-    write(run / "grpo" / "eval.json", {"before (SFT)": eval_report({"arithmetic": {1: 4, 2: 3}, "code": {1: 1}}),
+    write(run / "grpo" / "eval.json", {"before GRPO": eval_report({"arithmetic": {1: 4, 2: 3}, "code": {1: 1}}),
                                        "after GRPO": eval_report({"arithmetic": {1: 4, 2: 4}, "code": {1: 2}}, n=4)})
     write(run / "grpo" / "metrics.jsonl", "".join(json.dumps(
         {"step": s, "reward_mean": s / 10, "accuracy": s / 20, "zero_variance_fraction": 0.5, "seconds_step": 9.0,
@@ -387,11 +387,11 @@ def fake_run(run: Path) -> None:
 def test_report_accuracy_table_has_a_column_per_stage(tmp_path):
     fake_run(tmp_path)
     report = build_report(tmp_path)
-    assert "| family | difficulty | n | base | SFT | DPO-AdamW | DPO-OnDARE | GRPO |" in report
-    assert "| arithmetic | 1 | 4 | 0% | 75% | 100% | 100% | 100% |" in report
-    assert "| arithmetic | 2 | 4 | 0% | 50% | 50% | 75% | 100% |" in report
-    assert "| code | 1 | 4 | 0% | 25% | 25% | 25% | 50% |" in report
-    assert "| all | | 12 | 0% | 50% | 58% | 67% | 83% |" in report
+    assert "| family | difficulty | n | base | SFT | DPO-AdamW | DPO-OnDARE | GRPO start | GRPO |" in report
+    assert "| arithmetic | 1 | 4 | 0% | 75% | 100% | 100% | 100% | 100% |" in report
+    assert "| arithmetic | 2 | 4 | 0% | 50% | 50% | 75% | 75% | 100% |" in report
+    assert "| code | 1 | 4 | 0% | 25% | 25% | 25% | 25% | 50% |" in report
+    assert "| all | | 12 | 0% | 50% | 58% | 67% | 67% | 83% |" in report
     assert "| arithmetic-correct | 4 | 50.0% | 100.0% |" in report  # reward model, before / after
     assert "| all | -0.250 | -0.300 | -0.270 |" in report  # DPO's alignment tax
     assert "| 5 | 0.500 | 0.250 | 0.500 | 9.000 |" in report  # GRPO's last step
