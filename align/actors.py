@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import accumulate, pairwise
 from typing import TypeVar
 
 import ray
@@ -142,20 +143,15 @@ def retry_after_restarts(call: Callable[[], T], lost: Callable[[Exception], bool
 def split_evenly(items: Sequence, parts: int) -> list[list]:
     """`parts` contiguous slices whose sizes differ by at most one (the first ones larger)."""
     size, extra = divmod(len(items), parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + size + (part < extra))
-    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(parts)]
+    bounds = list(accumulate((size + (part < extra) for part in range(parts)), initial=0))
+    return [list(items[start:end]) for start, end in pairwise(bounds)]
 
 
 def slice_starts(slices: Sequence[Sequence]) -> list[int]:
     """The index in the whole of each slice's first item: [[a, b, c], [d, e]] -> [0, 3]. A rollout actor seeds
     prompt `start + i` of its slice as the whole call's prompt `start + i`, so samples do not depend on how many
     actors share the call."""
-    starts = [0]
-    for part in slices[:-1]:
-        starts.append(starts[-1] + len(part))
-    return starts
+    return list(accumulate((len(part) for part in slices[:-1]), initial=0))
 
 
 def zero3_inference_config() -> dict:

@@ -29,6 +29,9 @@ def test_slice_starts_give_every_item_its_index_in_the_whole_however_it_is_split
     starts = slice_starts(slices)
     assert [start + i for start, part in zip(starts, slices, strict=True) for i in range(len(part))] == items
     assert all(part[0] == start for start, part in zip(starts, slices, strict=True) if part)
+
+
+def test_slice_starts_by_hand():
     assert slice_starts([["a", "b", "c"], ["d", "e"]]) == [0, 3]
     assert slice_starts([[], ["x"]]) == [0, 0]
 
