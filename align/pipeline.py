@@ -30,9 +30,10 @@ align.run.refuse_other_runs). A stage child dies with the pipeline (Ctrl-C, SIGT
 never races an orphan.
 
 Time budget (the issue: set-up plus the whole pipeline in at most 30 minutes on the 2-core machine). The recipes'
-own defaults take ~45 min in all; the per-stage defaults below trim RM to 0.6 epoch, DPO to 350 prompts and GRPO
-to 20 steps over 200 prompts. Measured from a fresh machine with cold caches (2026-12-03): set-up 4.5 min, base
-model 9.4 min (once per machine), SFT 7.9, RM 4.3, DPO 5.8, GRPO 7.7 min (39 min; the target is 30).
+own defaults take ~45 min in all; the per-stage defaults below trim SFT's evaluation to 25 problems per level, RM
+to 0.6 epoch, DPO to 350 prompts and GRPO to 8 steps. Measured from a fresh machine with no caches (AMD EPYC,
+2026-12-04): set-up 3.3 min, base model 8.2 min (once per machine), SFT 6.0, RM 3.4, DPO 4.8, GRPO 7.4 min: the
+pipeline 29.8 min, 33.1 with set-up (the target is 30; an Intel Xeon machine took 39 min on 2026-12-03).
 
 Real models: `--base-model-path` (e.g. Qwen2.5-7B), `--data-dir` (the stages' data files), `--launcher` (how the
 DeepSpeed stages start: `accelerate launch --config_file ...` on GPUs) and each stage's preset in --STAGE-args;

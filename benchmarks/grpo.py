@@ -20,7 +20,10 @@ Each side its own way:
 Measured, skipping the first WARMUP_STEPS steps: seconds per step (ours: the recipe's `seconds_step`, the wall
 time of one loop iteration: rollout, reward, train, sync; TRL: a `TrainerCallback` from on_step_begin to
 on_step_end, which covers its generation, reward, loss, backward and optimizer step) and generated tokens per
-second of step time. Start-up (Ray, engines, the trainer's constructor) is reported apart.
+second of step time. Start-up (Ray, engines, the trainer's constructor) is reported apart. Each step by phase,
+both sides: ours from the recipe's clocks (rollout, reward, train, weight sync); TRL's generation (`_generate`) and
+reward (`_calculate_rewards`) timed in a subclass, the rest of its step counted as training (log-prob passes, loss,
+backward, optimizer step). Their quotient bounds the speed-up: TRL's step over ours without its generation.
 
 Rollout against raw vLLM: the same requests (Q prompts x 8 samples x --completion-tokens tokens, per-prompt
 seeds, log-probs of the sampled tokens) through our `RolloutWorkerGroup` (one actor) and through `vllm.LLM.generate`
@@ -84,15 +87,43 @@ def run_trl(model_path: str, prompts_path: str, output_dir: str, steps: int, que
     torch.set_num_threads(threads)
 
     class StepMeter(TrainerCallback):
+        """Wall time per optimizer step, and the part of it spent in TRL's generation and reward functions."""
+
         def __init__(self):
             self.seconds: list[float] = []
+            self.generate_s: list[float] = []
+            self.reward_s: list[float] = []
+            self.phase = {"generate": 0.0, "reward": 0.0}
             self._tic = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.phase = {"generate": 0.0, "reward": 0.0}
             self._tic = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._tic)
+            self.generate_s.append(self.phase["generate"])
+            self.reward_s.append(self.phase["reward"])
+
+    meter = StepMeter()
+
+    class PhaseTimedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer with its generation (`_generate`) and reward (`_calculate_rewards`) calls timed; the rest
+        of a step is its training: log-prob passes, loss, backward, optimizer step."""
+
+        def _generate(self, prompts):
+            tic = time.perf_counter()
+            try:
+                return super()._generate(prompts)
+            finally:
+                meter.phase["generate"] += time.perf_counter() - tic
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            tic = time.perf_counter()
+            try:
+                return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            finally:
+                meter.phase["reward"] += time.perf_counter() - tic
 
     lengths: list[int] = []
 
@@ -103,7 +134,6 @@ def run_trl(model_path: str, prompts_path: str, output_dir: str, steps: int, que
                 for c, f, a, t, e in zip(completions, family, answer, tests, entry_point, strict=True)]
 
     rows = datasets.load_dataset("json", data_files=prompts_path, split="train")
-    meter = StepMeter()
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     config = GRPOConfig(
@@ -114,11 +144,12 @@ def run_trl(model_path: str, prompts_path: str, output_dir: str, steps: int, que
         lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=False, use_cpu=True, bf16=False,
         logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
     tic = time.perf_counter()
-    trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=config, train_dataset=rows,
-                          processing_class=tokenizer, callbacks=[meter])
+    trainer = PhaseTimedGRPOTrainer(model=model, reward_funcs=task_reward, args=config, train_dataset=rows,
+                                    processing_class=tokenizer, callbacks=[meter])
     setup_s = time.perf_counter() - tic
     trainer.train()
-    return {"step_s": meter.seconds, "completion_lengths": lengths, "setup_s": setup_s,
+    return {"step_s": meter.seconds, "generate_s": meter.generate_s, "reward_s": meter.reward_s,
+            "completion_lengths": lengths, "setup_s": setup_s,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -309,12 +340,24 @@ def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
         sync_share=sum(ours["sync_s"][timed]) / sum(ours["step_s"][timed]),
         phase_share={phase: sum(ours[f"{phase}_s"][timed]) / sum(ours["step_s"][timed])
                      for phase in ("rollout", "reward", "train", "sync")})
+    # Seconds per step by phase, both sides: where the speed-up comes from, and how far it could go.
+    ours_phases = {phase: statistics.mean(ours[f"{key}_s"][timed]) for phase, key in
+                   (("generation", "rollout"), ("reward", "reward"), ("training", "train"), ("weight sync", "sync"))}
+    ours_phases["other"] = summary["ours"]["step_s"] - sum(ours_phases.values())
+    trl = runs["trl"]
+    trl_phases = {"generation": statistics.mean(trl["generate_s"][timed]),
+                  "reward": statistics.mean(trl["reward_s"][timed])}
+    trl_phases["training"] = summary["trl"]["step_s"] - sum(trl_phases.values())
+    summary["ours"]["phase_s"], summary["trl"]["phase_s"] = ours_phases, trl_phases
     for name, run in rollout.items():
         summary[name] = {"call_s": min(run["call_s"]), "tokens_per_s": run["tokens"] / min(run["call_s"]),
                          "tokens": run["tokens"], "foreign_cores": run["foreign_cores"]}
     summary["ratios"] = {
         "step_speedup_over_trl": summary["trl"]["step_s"] / summary["ours"]["step_s"],
         "rollout_over_raw_vllm": summary["rollout_actor"]["tokens_per_s"] / summary["raw_vllm"]["tokens_per_s"],
+        # The speed-up if our generation took no time at all: an upper bound set by the rest of our step.
+        "step_speedup_bound_free_generation": summary["trl"]["step_s"] / (
+            summary["ours"]["step_s"] - ours_phases["generation"]),
     }
     return summary
 
@@ -340,7 +383,16 @@ def markdown_table(s: dict) -> str:
         "|---|---:|---:|---:|---:|",
         "| | " + " | ".join(f"{100 * ours['phase_share'][p]:.1f}%" for p in ("rollout", "reward", "train", "sync"))
         + " |",
+        "",
+        "| seconds per step, by phase | ours | TRL GRPOTrainer | TRL / ours |",
+        "|---|---:|---:|---:|",
     ]
+    for phase, seconds in ours["phase_s"].items():
+        peer = trl["phase_s"].get(phase)
+        peer_cells = f"{peer:.2f} | {peer / seconds:.2f}x" if peer is not None else " | "
+        lines.append(f"| {phase} | {seconds:.2f} | {peer_cells} |")
+    lines.append(f"| speed-up bound if our generation were free | | | "
+                 f"{ratios['step_speedup_bound_free_generation']:.2f}x |")
     return "\n".join(lines)
 
 

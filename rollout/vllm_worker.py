@@ -79,6 +79,9 @@ class RolloutWorkerArgs:
     """Version of the weights in model_path."""
     max_restarts: int = 3
     """Times Ray restarts a rollout actor that died; it comes back with model_path's weights (see RolloutLost)."""
+    compile_sampler: bool = True
+    """torch.compile vLLM's sampler helpers (vLLM's default): a rollout engine samples all run long, so it recoups
+    the first compile; see rollout.offline.vllm_process_env for the measurements."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -310,7 +313,8 @@ class RolloutWorkerGroup:
     def __init__(self, args: RolloutWorkerArgs):
         self.args = args
         self._placement_group, self.actors = start_actors(RolloutActor, args.resources,
-                                                          vllm_process_env(args.resources.num_gpus > 0), args,
+                                                          vllm_process_env(args.resources.num_gpus > 0,
+                                                                           args.compile_sampler), args,
                                                           max_restarts=args.max_restarts)
         self._pids = [info["pid"] for info in self.info()]  # waits for every engine; a new pid means a restart
 
