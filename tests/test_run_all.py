@@ -139,7 +139,12 @@ def test_no_run_writes_all_json_and_md(tmp_path, capsys):
     table = (tmp_path / "all.md").read_text()
     assert table.strip() in out
     assert table.startswith("| benchmark | metric | ours | peer | ratio | target | date | machine |")
-    assert "| grpo | seconds per step vs TRL GRPOTrainer | 18.0 s | 20.1 s | 1.12x | >= 2x: not met |" in table
+    # The row is built from the committed results (refreshed whenever the benchmark reruns), not from constants.
+    summary = json.loads((BENCHMARKS / "results" / "grpo.json").read_text())["summary"]
+    ours, trl = summary["ours"]["step_s"], summary["trl"]["step_s"]
+    verdict = "met" if trl / ours >= 2 else "not met"
+    assert (f"| grpo | seconds per step vs TRL GRPOTrainer | {run_all.significant(ours)} s | "
+            f"{run_all.significant(trl)} s | {run_all.significant(trl / ours)}x | >= 2x: {verdict} |") in table
     report = json.loads((tmp_path / "all.json").read_text())
     assert {"date", "machine", "rows"} <= report.keys()
     by_benchmark = {}
