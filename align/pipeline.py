@@ -31,9 +31,10 @@ never races an orphan.
 
 Time budget (the issue: set-up plus the whole pipeline in at most 30 minutes on the 2-core machine). The recipes'
 own defaults take ~45 min in all; the per-stage defaults below trim SFT's evaluation to 25 problems per level, RM
-to 0.6 epoch, DPO to 350 prompts and GRPO to 8 steps. Measured from a fresh machine with no caches (AMD EPYC,
-2026-12-04): set-up 3.3 min, base model 8.2 min (once per machine), SFT 6.0, RM 3.4, DPO 4.8, GRPO 7.4 min: the
-pipeline 29.8 min, 33.1 with set-up (the target is 30; an Intel Xeon machine took 39 min on 2026-12-03).
+to 0.6 epoch, DPO to 350 prompts and GRPO to 8 steps. Measured from a fresh machine with no caches (Intel Xeon,
+2026-12-04 afternoon): set-up 1.5 min, base model 3.9 min (once per machine), SFT 2.8, RM 1.6, DPO 2.3, GRPO 3.7
+min: the pipeline 14.2 min, 15.8 with set-up. The same 2-core VMs have been up to 2.5x slower (AMD EPYC that
+morning: 33.1 min with set-up; an Intel Xeon on 2026-12-03: 39 min).
 
 Real models: `--base-model-path` (e.g. Qwen2.5-7B), `--data-dir` (the stages' data files), `--launcher` (how the
 DeepSpeed stages start: `accelerate launch --config_file ...` on GPUs) and each stage's preset in --STAGE-args;
