@@ -226,7 +226,8 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
         "--rollout-resources-torch-threads", str(threads), "--policy-resources-torch-threads", str(threads),
         "--reward-resources-torch-threads", str(threads), "--policy-lr", str(LR), "--policy-betas", "0.9,0.99",
         "--loss-epsilon-low", "0.2", "--loss-epsilon-high", "0.28", "--loss-kl-beta", "0",
-        "--scheduler-order", "uniform", "--scheduler-zero-variance", "deprioritize", "--save-every", "0",
+        "--scheduler-order", "uniform", "--scheduler-revisit", "epoch", "--scheduler-zero-variance", "deprioritize",
+        "--save-every", "0",
     ]
     tic = time.perf_counter()
     _, stats = run_process(command, threads, max_wait)

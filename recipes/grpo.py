@@ -60,8 +60,8 @@ class DataArgs:
     the SFT model solves sometimes (6-40% greedy): their groups have reward variance to learn from, where the easy
     levels' groups are mostly all-correct and arithmetic 5's all-wrong."""
     max_prompts: int = 0
-    """Then use the first N prompt rows (0: all). The default's 460 hard-level rows make 15 steps of 64 queries
-    about two passes, so the second pass meets queries whose reward variance is known and the order acts on it."""
+    """Then use the first N prompt rows (0: all). The default's 460 hard-level rows take the first 7-8 of 15 steps
+    of 64 queries to visit once; the later steps replay the queries of highest known reward variance."""
     eval_path: str = ""
     """Held-out rows for accuracy before and after. Empty: the default's data/eval.jsonl; 'none': skip."""
     eval_per_level: int = 50
@@ -144,7 +144,10 @@ class GRPOConfig:
     reward: RewardWorkerArgs = field(default_factory=lambda: RewardWorkerArgs(
         verifiers=("task",), model_weight=0.2, model_score_norm="batch", combination="gated",
         resources=ActorResources(num_cpus=0.5, torch_threads=2)))
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Prioritised replay: once every query has an estimate, each batch takes the 64 of highest reward variance. With
+    # revisit="epoch" (the report's order over passes) the second pass must visit every query again, two thirds of
+    # them zero-variance (README, "What the default run does").
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(revisit="batch"))
 
 
 def main(cfg: GRPOConfig) -> None:
