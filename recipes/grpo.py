@@ -144,9 +144,9 @@ class GRPOConfig:
     reward: RewardWorkerArgs = field(default_factory=lambda: RewardWorkerArgs(
         verifiers=("task",), model_weight=0.2, model_score_norm="batch", combination="gated",
         resources=ActorResources(num_cpus=0.5, torch_threads=2)))
-    # Prioritised replay: once every query has an estimate, each batch takes the 64 of highest reward variance. With
-    # revisit="epoch" (the report's order over passes) the second pass must visit every query again, two thirds of
-    # them zero-variance (README, "What the default run does").
+    # Prioritised replay: once every query has an estimate, each batch takes the queries of highest reward
+    # variance. With revisit="epoch" (the report's order over passes) the second pass must visit every query again,
+    # two thirds of them zero-variance (README, "What the default run does").
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(revisit="batch"))
 
 
