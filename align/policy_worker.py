@@ -37,6 +37,7 @@ from align.actors import ActorResources, DistributedActor, form_process_group, s
 from align.data import TokenizedChat, collate, plan_micro_batches, plan_steps
 from align.grpo import GRPO_AGGREGATIONS
 from align.model import load_pretrained, save_state_dict
+from align.model.config import resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,10 @@ class PolicyArgs:
     """Policy start (HF directory); the reference model is the same checkpoint, frozen."""
     resources: ActorResources = field(default_factory=ActorResources)
     """The ranks of the ZeRO-3 group: how many, CPUs and GPUs each, placement."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights in the forward/backward passes: bfloat16 on GPUs (DeepSpeed keeps float32 master weights), float32
-    on CPUs without native bf16."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Weights in the forward/backward passes: bfloat16 on GPUs and AMX CPUs (DeepSpeed keeps float32 master
+    weights), float32 on CPUs without native bf16; "auto" picks between the two (align.model.config.resolve_dtype)
+    on the machine of each rank."""
     lr: float = 1e-5
     """AdamW learning rate (constant after warm-up)."""
     warmup_steps: int = 0
@@ -193,16 +195,17 @@ class PolicyActor(DistributedActor):
 
         from align.run import adamw
 
-        model = load_pretrained(self.args.model_path, dtype=self.args.dtype)
+        dtype = resolve_dtype(self.args.dtype)
+        model = load_pretrained(self.args.model_path, dtype=dtype)
         model.gradient_checkpointing_enable(self.args.gradient_checkpointing)
         self.config = model.config
         optimizer = adamw(model, self.args.lr, self.args.weight_decay, self.args.betas)
         self.schedule = get_constant_schedule_with_warmup(optimizer, self.args.warmup_steps)
         self.engine, self.optimizer, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer,
-            config=zero3_training_config(self.args.max_grad_norm, bf16=self.args.dtype == "bfloat16"))
+            config=zero3_training_config(self.args.max_grad_norm, bf16=dtype == "bfloat16"))
         if self.loss_args.kl_beta:
-            reference = load_pretrained(self.args.model_path, dtype=self.args.dtype).eval().requires_grad_(False)
+            reference = load_pretrained(self.args.model_path, dtype=dtype).eval().requires_grad_(False)
             self.reference, *_ = deepspeed.initialize(model=reference, config=zero3_inference_config())
         self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -290,11 +293,18 @@ class PolicyActor(DistributedActor):
         self.schedule.load_state_dict(client["schedule"])
 
     def export(self, directory: str) -> None:
-        """Gather the full weights one parameter at a time and write a HF directory (rank 0)."""
+        """Gather the full weights one parameter at a time and write a HF directory (rank 0). Under bf16 mixed
+        precision these are the optimizer's float32 master weights, so no update is rounded away."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         state = {}
         for name, param in self.engine.module.named_parameters():
+            if self.engine.bfloat16_enabled():
+                full = safe_get_full_fp32_param(param)  # a collective: every rank calls it
+                if self.rank == 0:
+                    state[name] = full.detach().cpu().clone()
+                continue
             with deepspeed.zero.GatheredParameters([param]):
                 if self.rank == 0:
                     state[name] = param.detach().cpu().clone()

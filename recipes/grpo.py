@@ -42,6 +42,7 @@ from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eva
 from align.grpo import group_advantages
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
+from align.model.config import resolve_dtype
 from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup, TrainSample, add_step_metrics, split_groups
 from align.run import refuse_other_runs
 from align.tasks import select_levels
@@ -83,8 +84,9 @@ class RolloutArgs:
     """Sample exactly max_tokens tokens, past the end-of-turn token (fixed-length benchmarks)."""
     max_model_len: int = 1024
     """Longest prompt + completion the engines accept."""
-    dtype: str = "float32"
-    """Engine dtype: float32 on the CPU, bfloat16 on GPUs."""
+    dtype: str = "auto"
+    """Engine dtype and the weights synced to it: float32, bfloat16, or auto, which is bfloat16 where the launching
+    machine multiplies it natively (a GPU, a CPU with AMX), else float32 (align.model.config.resolve_dtype)."""
     kv_cache_memory_bytes: int | None = 256 * 2**20
     """KV cache per engine; None sizes it from gpu_memory_utilization (GPUs)."""
     gpu_memory_utilization: float = 0.5
@@ -136,7 +138,7 @@ class GRPOConfig:
     data: DataArgs = field(default_factory=DataArgs)
     # The phases of a step run one after another, so the policy may use every core while the rollout waits.
     policy: PolicyArgs = field(default_factory=lambda: PolicyArgs(
-        lr=5e-5, micro_batch_tokens=4096, resources=ActorResources(torch_threads=2)))
+        lr=5e-5, micro_batch_tokens=8192, dtype="auto", resources=ActorResources(torch_threads=2)))
     loss: LossArgs = field(default_factory=LossArgs)
     rollout: RolloutArgs = field(default_factory=RolloutArgs)
     # "gated": the reward model ranks correct answers only; summed, it alone drives the all-wrong groups and the
@@ -153,6 +155,9 @@ class GRPOConfig:
 def main(cfg: GRPOConfig) -> None:
     out = Path(cfg.output_dir)
     refuse_other_runs(out, cfg.resume)
+    # "auto" precision is decided here, once, so the policy and the engines agree; config.yaml records the choice.
+    cfg = replace(cfg, policy=replace(cfg.policy, dtype=resolve_dtype(cfg.policy.dtype)),
+                  rollout=replace(cfg.rollout, dtype=resolve_dtype(cfg.rollout.dtype)))
 
     # --- models and data ------------------------------------------------------------------------------------
     policy_path = cfg.policy.model_path or str(sft_model_dir(cfg.seed))

@@ -126,6 +126,26 @@ def test_plain_batch_uses_fused_kernel_without_mask_or_repeated_kv(monkeypatch):
         assert q_shape[1] == 14 and k_shape[1] == 2  # K/V keep their 2 heads
 
 
+def test_bf16_attention_on_cpu_computes_in_float32_and_returns_bf16(monkeypatch):
+    dtypes = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        dtypes.append(q.dtype)
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    model = Qwen2ForCausalLM.from_config(tiny_config().replace(torch_dtype="bfloat16"), seed=1)
+    reference = Qwen2ForCausalLM.from_config(tiny_config(), seed=1)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    _, flat, positions = packed_sequences([7, 20, 3])
+    out = model(flat, positions)
+    assert out.dtype == torch.bfloat16 and set(dtypes) == {torch.float32}
+    assert (out.float() - reference(flat, positions)).abs().max() <= 0.05  # bf16 rounding of the projections
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     model = Qwen2ForCausalLM.from_config(tiny_config(), seed=1)
     ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -214,3 +234,19 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
         load_pretrained(tmp_path)
+
+
+def test_auto_dtype_is_bf16_only_with_native_bf16(tmp_path, monkeypatch):
+    from align.model import config as config_module
+
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    avx2.write_text("flags\t\t: fpu avx2 fma\n")
+    assert config_module.has_fast_bf16(amx) and not config_module.has_fast_bf16(avx2)
+    assert not config_module.has_fast_bf16(tmp_path / "absent")
+    for fast, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(config_module, "has_fast_bf16", lambda fast=fast: fast)
+        assert config_module.resolve_dtype("auto") == expected
+        assert config_module.resolve_dtype("float32") == "float32"
+    with pytest.raises(ValueError, match="'fp8'"):
+        config_module.resolve_dtype("fp8")

@@ -1,4 +1,5 @@
-"""align.policy_worker's pure parts: mini-batches of whole groups, the ratio's denominator, metric merging."""
+"""align.policy_worker: its pure parts (mini-batches of whole groups, the ratio's denominator, metric merging), and
+a real bf16 mixed-precision step and export."""
 
 import math
 
@@ -47,3 +48,33 @@ def test_add_step_metrics_sums_mins_maxes_and_keeps_nan_grad_norms():
                      "lr": 2e-5}
     assert math.isnan(add_step_metrics(a, {"grad_norm": math.nan})["grad_norm"])
     assert math.isnan(add_step_metrics({"grad_norm": math.nan}, a)["grad_norm"])
+
+
+def test_bf16_policy_trains_and_exports_its_float32_master_weights(tmp_path):
+    """Real Ray and DeepSpeed: a one-rank bf16 mixed-precision step, then export. The exported weights are the
+    optimizer's float32 masters: moved by the step, and not all representable in bfloat16."""
+    ray = pytest.importorskip("ray")
+    from align.actors import ActorResources
+    from align.model import Qwen2Config, Qwen2ForCausalLM, load_pretrained, save_pretrained
+    from align.policy_worker import LossArgs, PolicyArgs, PolicyWorkerGroup
+
+    model_dir = tmp_path / "start"
+    save_pretrained(Qwen2ForCausalLM.from_config(Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128), seed=0), model_dir)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        group = PolicyWorkerGroup(PolicyArgs(model_path=str(model_dir), dtype="bfloat16", lr=1e-3,
+                                             resources=ActorResources(torch_threads=2)), LossArgs(), total_steps=1)
+        batch = [TrainSample(list(range(3, 60)), 10, advantage) for advantage in (1.0, -1.0, 0.5, -0.5)]
+        metrics = group.train_step(batch)
+        group.export(tmp_path / "final")
+        group.close()
+    finally:
+        ray.shutdown()
+    assert metrics["skipped"] == 0.0 and math.isfinite(metrics["grad_norm"])
+    start, final = load_pretrained(model_dir), load_pretrained(tmp_path / "final")
+    assert final.config.torch_dtype == "float32"
+    weight, before = final.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(weight, before)
+    assert not torch.equal(weight, weight.bfloat16().float())

@@ -189,4 +189,14 @@ def test_unknown_only_name_is_an_argparse_error(tmp_path, capsys):
         run_all.main(["--only", "sft,nope", "--results-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown benchmark(s) nope" in err and "decoder, sft, dpo, grpo, reward_scoring, decontaminate" in err
+    assert "unknown benchmark(s) nope" in err
+    assert "decoder, sft, dpo, grpo, grpo_bf16, reward_scoring, decontaminate" in err
+
+
+def test_a_variant_runs_its_script_with_its_arguments(tmp_path, capfd):
+    scripts, results = tmp_path / "scripts", tmp_path / "results"
+    scripts.mkdir()
+    (scripts / "grpo.py").write_text("import sys\nprint('fake grpo argv', sys.argv[1:])\n")
+    assert run_all.main(["--only", "grpo_bf16", "--quick", "--results-dir", str(results)], scripts_dir=scripts) == 0
+    out = capfd.readouterr().out
+    assert f"fake grpo argv ['--dtype', 'bfloat16', '--output', '{results / 'grpo_bf16.json'}', '--quick']" in out
