@@ -50,8 +50,8 @@ class PolicyArgs:
     """The ranks of the ZeRO-3 group: how many, CPUs and GPUs each, placement."""
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     """Weights in the forward/backward passes: bfloat16 on GPUs and AMX CPUs (DeepSpeed keeps float32 master
-    weights), float32 on CPUs without native bf16; "auto" picks between the two (align.model.config.resolve_dtype)
-    on the machine of each rank."""
+    weights), float32 on CPUs without native bf16; "auto" picks between the two (align.model.config.resolve_dtype):
+    recipes/grpo.py resolves it once on the launching machine, a PolicyWorkerGroup built directly on each rank's."""
     lr: float = 1e-5
     """AdamW learning rate (constant after warm-up)."""
     warmup_steps: int = 0
@@ -298,9 +298,10 @@ class PolicyActor(DistributedActor):
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        mixed_precision = self.engine.bfloat16_enabled()
         state = {}
         for name, param in self.engine.module.named_parameters():
-            if self.engine.bfloat16_enabled():
+            if mixed_precision:
                 full = safe_get_full_fp32_param(param)  # a collective: every rank calls it
                 if self.rank == 0:
                     state[name] = full.detach().cpu().clone()
