@@ -25,10 +25,12 @@ around its forward call. That collective is why every rank must make the same nu
 fewer packed chunks than the busiest one runs a one-token dummy sequence for each missing call. Requests are checked
 on the driver before dispatch, so that a bad row cannot raise on one rank while its peers wait in a collective.
 
-Verifier checks run in each actor's small thread pool (they mostly wait on sandboxed child processes), started
-before the model's forward passes so the two overlap. Each distinct (prompt, response, task) of a slice is scored
-once and its result copied to the repeats: a GRPO group of a confident policy holds the same completion several
-times over, and every check of a code answer is a sandboxed process.
+Verifier checks run first, in each actor's small thread pool (they mostly wait on sandboxed child processes);
+then the reward model scores the responses the combination gives its term (all with "sum", the passing ones with
+"gated": a fraction of a hard GRPO batch, which made the reward phase of the default GRPO run ~2x faster). Each
+distinct (prompt, response, task) of a slice is scored once and its result copied to the repeats: a GRPO group of
+a confident policy holds the same completion several times over, and every check of a code answer is a sandboxed
+process.
 
 The group setup (`start_actors`, `form_process_group`, `DistributedActor`) lives in align.actors, shared with
 the GRPO policy group.
@@ -84,26 +86,28 @@ NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"none": _no_no
 """How the model's score enters the reward: "none" raw, "batch" whitened over the batch of one `score` call."""
 
 
-def sum_of_terms(model_term: torch.Tensor, verifier_term: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
-    """Both terms for every response."""
-    return model_term + verifier_term
+def model_term_for_all(passed: torch.Tensor) -> torch.Tensor:
+    """Every response gets the model term."""
+    return torch.ones_like(passed, dtype=torch.bool)
 
 
-def model_term_if_passed(model_term: torch.Tensor, verifier_term: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+def model_term_if_passed(passed: torch.Tensor) -> torch.Tensor:
     """The model term only for responses the verifiers pass: the reward model ranks correct answers among
     themselves, and a wrong answer gets nothing from it. Why: in a GRPO group whose responses all fail, a summed
     reward differs only by the model's score, so the whole update there optimises the reward model alone, which a
     policy learns to exploit (Gao et al. 2023, reward-model overoptimisation; here: answers cut short because the
-    model prefers concise ones). Gated, such a group has zero variance and no advantage."""
-    return verifier_term + model_term * passed
+    model prefers concise ones). Gated, such a group has zero variance and no advantage. The reward model then
+    scores only the passing responses (a fraction of a hard batch), and "batch" normalisation runs over them."""
+    return passed.bool()
 
 
-COMBINATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "sum": sum_of_terms,
+COMBINATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sum": model_term_for_all,
     "gated": model_term_if_passed,
 }
-"""How the weighted model and verifier terms make the reward when both are configured: (model_term [N],
-verifier_term [N], passed [N] float 0/1) -> reward [N]."""
+"""How the weighted model and verifier terms make the reward when both are configured: which responses get the
+model term, passed [N] bool -> [N] bool. reward = verifier term + model term where it applies; only those
+responses are scored by the reward model, and the model score is normalised over them."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,7 @@ class RewardRequest:
 class SampleScores:
     """What one actor found for its slice, before the rewards are combined."""
 
-    model_score: torch.Tensor | None  # [n] float32 raw reward-model scores; None without a model
+    model_score: torch.Tensor | None  # [n] float32 raw reward-model scores, NaN where not scored; None without a model
     verifier_pass: torch.Tensor | None  # [n] bool, every verifier passed; None without verifiers
     reason: tuple[str, ...]  # n verifier reasons ("" without verifiers)
 
@@ -183,28 +187,31 @@ class ScoredBatch:
     """Rewards of a batch of requests, in request order, and the parts they came from."""
 
     reward: torch.Tensor  # [N] float32, verifier_weight * pass + model_weight * norm(model_score) (combine_rewards)
-    model_score: torch.Tensor | None  # [N] float32 raw reward-model scores; None without a model
+    model_score: torch.Tensor | None  # [N] float32 raw reward-model scores, NaN where the combination leaves the
+    # model term out (not scored); None without a model
     verifier_pass: torch.Tensor | None  # [N] bool, every verifier passed; None without verifiers
     reason: tuple[str, ...]  # N verifier reasons, "name: reason" per verifier when several ("" without verifiers)
 
 
 def combine_rewards(model_score: torch.Tensor | None, verifier_pass: torch.Tensor | None, model_weight: float,
                     verifier_weight: float, model_score_norm: str, combination: str = "sum") -> torch.Tensor:
-    """reward [N] = COMBINATIONS[combination](model_weight * NORMALIZERS[model_score_norm](model_score),
-    verifier_weight * verifier_pass, verifier_pass), or the one term whose part is not None.
+    """reward [N] = verifier_weight * verifier_pass + model_weight * NORMALIZERS[model_score_norm](model_score) on
+    the responses COMBINATIONS[combination] gives the model term (0 elsewhere), or the one term whose part is not
+    None. Scores outside those responses are ignored (the actors leave them NaN: not scored).
 
     Example: scores [1, 3], passes [True, False], weights 0.5 / 2, "batch": whitened scores [-1, 1], so "sum" gives
-    [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5] and "gated" [2 * 1 + 0.5 * -1, 2 * 0 + 0] = [1.5, 0.0].
+    [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5]; "gated" whitens the first score alone (a batch of one: 0)
+    and gives [2 * 1 + 0.5 * 0, 2 * 0] = [2.0, 0.0], raw ("none") [2 * 1 + 0.5 * 1, 0] = [2.5, 0.0].
     """
     if model_score is None and verifier_pass is None:
         raise ValueError("combine_rewards: neither a model score nor a verifier result")
-    model_term = None if model_score is None else model_weight * NORMALIZERS[model_score_norm](model_score.float())
-    verifier_term = None if verifier_pass is None else verifier_weight * verifier_pass.float()
-    if model_term is None:
-        return verifier_term  # [N]
-    if verifier_term is None:
-        return model_term  # [N]
-    return COMBINATIONS[combination](model_term, verifier_term, verifier_pass.float())  # [N]
+    if model_score is None:
+        return verifier_weight * verifier_pass.float()  # [N]
+    applies = model_term_for_all(model_score) if verifier_pass is None else COMBINATIONS[combination](verifier_pass)
+    reward = torch.zeros(model_score.shape, dtype=torch.float32) if verifier_pass is None else (
+        verifier_weight * verifier_pass.float())  # [N]
+    reward[applies] += model_weight * NORMALIZERS[model_score_norm](model_score[applies].float())
+    return reward  # [N]
 
 
 def conversation_ids(request: RewardRequest, tokenizer, index: int) -> list[int]:
@@ -308,17 +315,27 @@ class RewardActor(DistributedActor):
                             tuple(distinct.reason[i] for i in inverse))
 
     def _score_distinct(self, requests: list[RewardRequest]) -> SampleScores:
+        """The verifiers first, then the reward model on the responses the combination gives its term (with "gated",
+        only those that passed)."""
+        passed, reasons = self._verify(requests) if self.args.verifiers else (None, ("",) * len(requests))
+        if self.model is None:
+            return SampleScores(None, passed, reasons)
+        scored = model_term_for_all(torch.zeros(len(requests))) if passed is None else (
+            COMBINATIONS[self.args.combination](passed))  # [n] bool
+        model_score = torch.full((len(requests),), float("nan"))
+        model_score[scored] = self._model_scores([r for r, s in zip(requests, scored.tolist(), strict=True) if s])
+        return SampleScores(model_score, passed, reasons)
+
+    def _verify(self, requests: list[RewardRequest]) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """(every verifier passed [n] bool, reasons), the checks run in the actor's thread pool."""
         verdicts = [[self.pool.submit(VERIFIERS[name], r.task, r.response) for name in self.args.verifiers]
-                    for r in requests] if self.pool else None
-        model_score = self._model_scores(requests) if self.model is not None else None
-        if verdicts is None:
-            return SampleScores(model_score, None, ("",) * len(requests))
+                    for r in requests]
         results = [[future.result() for future in futures] for futures in verdicts]
-        passed = torch.tensor([all(v.passed for v in vs) for vs in results], dtype=torch.bool)
+        passed = torch.tensor([all(v.passed for v in vs) for vs in results], dtype=torch.bool).reshape(len(requests))
         several = len(self.args.verifiers) > 1
         reasons = tuple("; ".join(f"{name}: {v.reason}" if several else v.reason
                                   for name, v in zip(self.args.verifiers, vs, strict=True)) for vs in results)
-        return SampleScores(model_score, passed.reshape(len(requests)), reasons)
+        return passed, reasons
 
     def _model_scores(self, requests: list[RewardRequest]) -> torch.Tensor:
         sequences = [conversation_ids(r, self.tokenizer, i) for i, r in enumerate(requests)]

@@ -38,15 +38,23 @@ SMALL = TaskDataConfig(arithmetic_sft=20, code_sft=20, arithmetic_prompts=2, cod
 def test_combine_rewards_by_hand():
     """scores [1, 3] whiten to [-1, 1] (mean 2, population std 1); passes [1, 0]; weights model 0.5, verifier 2:
     reward = [2 * 1 + 0.5 * -1, 2 * 0 + 0.5 * 1] = [1.5, 0.5]. Raw: [2 + 0.5, 1.5] = [2.5, 1.5]. Gated, the failing
-    second response loses its model term: [1.5, 0.0] whitened, [2.5, 0.0] raw."""
+    second response has no model term and its score is ignored, so the first is whitened alone (a batch of one:
+    0): [2.0, 0.0]; raw [2.5, 0.0]."""
     scores, passed = torch.tensor([1.0, 3.0]), torch.tensor([True, False])
     reward = combine_rewards(scores, passed, model_weight=0.5, verifier_weight=2.0, model_score_norm="batch")
     torch.testing.assert_close(reward, torch.tensor([1.5, 0.5]), atol=1e-5, rtol=0)
     raw = combine_rewards(scores, passed, model_weight=0.5, verifier_weight=2.0, model_score_norm="none")
     torch.testing.assert_close(raw, torch.tensor([2.5, 1.5]))
     gated = combine_rewards(scores, passed, 0.5, 2.0, "batch", combination="gated")
-    torch.testing.assert_close(gated, torch.tensor([1.5, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gated, torch.tensor([2.0, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(combine_rewards(scores, passed, 0.5, 2.0, "none", "gated"), torch.tensor([2.5, 0.0]))
+    # the actors leave the gated-out scores NaN (not scored): the reward is the same
+    unscored = torch.tensor([1.0, float("nan")])
+    torch.testing.assert_close(combine_rewards(unscored, passed, 0.5, 2.0, "batch", "gated"), gated)
+    # gated whitening runs over the passing responses: [1, 3] of passes [T, T, F] whiten to [-1, 1], the third 0
+    three = combine_rewards(torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([True, True, False]), 0.5, 2.0,
+                            "batch", "gated")
+    torch.testing.assert_close(three, torch.tensor([1.5, 2.5, 0.0]))
     # gating needs both parts; with one the combination does not matter
     torch.testing.assert_close(combine_rewards(scores, None, 0.5, 2.0, "none", "gated"), torch.tensor([0.5, 1.5]))
     torch.testing.assert_close(combine_rewards(None, passed, 0.5, 2.0, "none"), torch.tensor([2.0, 0.0]))
@@ -236,6 +244,33 @@ def test_repeated_requests_are_scored_once(rm_dir, monkeypatch):
     assert scored.verifier_pass.tolist() == [v.passed for v in expected]
     assert list(scored.reason) == [v.reason for v in expected]
     assert expected[0].passed and not check_task(other_task, distinct[0].response).passed
+
+
+def test_gated_actor_scores_only_passing_responses(rm_dir, monkeypatch):
+    """With combination "gated" the reward model scores exactly the responses the verifier passed (the others come
+    back NaN), and the combined reward is the one full scoring gives."""
+    rm, pairs_file = rm_dir
+    requests, _ = requests_from_pairs(pairs_file, per_family=2)
+    scored_sequences = []
+
+    def counting_score(model, sequences, max_tokens):
+        scored_sequences.extend(map(tuple, sequences))
+        return score_sequences(model, sequences, max_tokens)
+
+    monkeypatch.setattr(reward.worker, "score_sequences", counting_score)
+    args = RewardWorkerArgs(model_path=str(rm), verifiers=("task",), combination="gated")
+    actor = RewardActor(args)
+    actor.load_model()
+    scored = actor.score(requests)
+    passed = torch.tensor([check_task(r.task, r.response).passed for r in requests])
+    assert 0 < int(passed.sum()) < len(requests)  # both kinds, or the test would prove nothing
+    assert torch.equal(scored.verifier_pass, passed)
+    assert len(scored_sequences) == int(passed.sum())
+    expected = expected_scores(rm, requests)
+    torch.testing.assert_close(scored.model_score[passed], expected[passed], atol=1e-5, rtol=0)
+    assert scored.model_score[~passed].isnan().all()
+    rewards = combine_rewards(scored.model_score, passed, 0.2, 1.0, "batch", "gated")
+    torch.testing.assert_close(rewards, combine_rewards(expected, passed, 0.2, 1.0, "batch", "gated"))
 
 
 def test_requests_match_reward_eval_rows(rm_dir):
