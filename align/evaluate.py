@@ -25,6 +25,7 @@ class EvalReport:
     correct: dict[str, dict[int, int]]
     total: dict[str, dict[int, int]]
     samples: list[dict]  # a few (prompt, response, verdict) examples for the record
+    passed: list[bool]  # per eval row, in the order given: what align.stats.paired_change compares
 
     def accuracy(self, family: str, difficulty: int) -> float:
         return self.correct[family][difficulty] / self.total[family][difficulty]
@@ -37,7 +38,8 @@ class EvalReport:
     def to_dict(self) -> dict:
         return {"overall": self.overall, "accuracy": {
             family: {str(d): self.accuracy(family, d) for d in sorted(levels)}
-            for family, levels in self.total.items()}, "correct": self.correct, "total": self.total}
+            for family, levels in self.total.items()}, "correct": self.correct, "total": self.total,
+            "passed": self.passed}
 
 
 def read_eval_rows(eval_file: str | Path, per_level: int | None = None) -> list[dict]:
@@ -83,7 +85,7 @@ def _score(eval_rows: list[dict], responses: list[str]) -> EvalReport:
     samples = [{"prompt": r["prompt"][-1]["content"], "response": text, "passed": v.passed, "reason": v.reason}
                for r, text, v in list(zip(eval_rows, responses, verdicts, strict=True))[:: max(len(eval_rows) // 8, 1)]]
     as_plain = lambda nested: {f: dict(sorted(levels.items())) for f, levels in sorted(nested.items())}  # noqa: E731
-    return EvalReport(as_plain(correct), as_plain(total), samples)
+    return EvalReport(as_plain(correct), as_plain(total), samples, [v.passed for v in verdicts])
 
 
 def format_accuracy_table(reports: dict[str, EvalReport]) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 from align.files import write_text_atomic
 from align.metrics import read_metrics
 from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES
+from align.stats import paired_change
 
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO (AdamW, OnDARE, OnTIES)", "grpo": "GRPO"}
 THROUGHPUT = {"sft": "training tokens/s", "rm": "training tokens/s", "dpo": "training tokens/s (mean of variants)",
@@ -95,6 +96,48 @@ def _accuracy_rows(columns: dict[str, dict]) -> list[tuple[str, str]]:
 
 def _percent(x: float, digits: int = 0) -> str:
     return f"{x:.{digits}%}"
+
+
+def stage_comparisons(run_dir: Path) -> list[tuple[str, str, str, dict, dict]]:
+    """(stage, start model, trained model, start's EvalReport dict, trained's): each stage's model against the one
+    it started from, on the same problems (each recipe evaluates both in one call)."""
+    pairs = []
+    sft = load_json(run_dir / "sft" / "eval.json") or {}
+    if "before" in sft and "after SFT" in sft:
+        pairs.append(("SFT", "base", "SFT", sft["before"], sft["after SFT"]))
+    dpo = (load_json(run_dir / "dpo" / "report.json") or {}).get("accuracy", {})
+    pairs += [("DPO", "SFT", name, dpo["SFT"], r) for name, r in dpo.items() if name != "SFT" and "SFT" in dpo]
+    grpo = load_json(run_dir / "grpo" / "eval.json") or {}
+    start = grpo.get("before GRPO", grpo.get("before (SFT)"))
+    if start is not None and "after GRPO" in grpo:
+        pairs.append(("GRPO", "GRPO start", "GRPO", start, grpo["after GRPO"]))
+    return pairs
+
+
+def stage_effects_section(run_dir: Path, significance: float = 0.05) -> list[str]:
+    """Each stage's change on the same held-out problems: problems gained and lost, and the exact McNemar p-value
+    (align.stats), so a change within the noise of a few hundred problems reads as such."""
+    comparisons = stage_comparisons(run_dir)
+    if not comparisons:
+        return ["Not run yet."]
+    lines = [f"Each stage's model against the model it started from, on the same problems. Gained: solved only "
+             f"after the stage; lost: only before. p: the chance of an imbalance at least this large if the stage "
+             f"changed nothing (exact McNemar test); below {significance:g} the change is beyond chance.", "",
+             "| stage | models | problems | before | after | gained | lost | p | beyond chance |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for stage, start, trained, before, after in comparisons:
+        if "passed" not in before or "passed" not in after:  # runs before per-problem verdicts were kept
+            lines.append(f"| {stage} | {start} → {trained} | | {_percent(before['overall'])} | "
+                         f"{_percent(after['overall'])} | | | | per-problem verdicts not recorded |")
+            continue
+        change = paired_change(before["passed"], after["passed"])
+        p = "<0.001" if change.p_value < 0.001 else f"{change.p_value:.3f}"
+        verdict = "yes" if change.p_value < significance else "no"
+        lines.append(f"| {stage} | {start} → {trained} | {change.problems} | "
+                     f"{_percent(change.solved_before / change.problems)} | "
+                     f"{_percent(change.solved_after / change.problems)} | {change.gained} | {change.lost} | {p} | "
+                     f"{verdict} |")
+    return lines
 
 
 # --- the other sections -----------------------------------------------------------------------------------------
@@ -211,6 +254,8 @@ def build_report(run_dir: Path, plots: Sequence[tuple[str, str]] = ()) -> str:
     lines += [format_accuracy(columns)] if columns else ["Not measured yet."]
     if policy := grpo_start_policy(run_dir):
         lines += ["", f"GRPO started from `{policy}`."]
+    lines += ["", "## What each stage changed (paired, on the same problems)", ""]
+    lines += stage_effects_section(run_dir)
     lines += ["", "## Reward model: held-out pair accuracy", ""]
     lines += reward_model_section(load_json(run_dir / "rm" / "eval.json"))
     lines += ["", "## DPO: AdamW against the Online Merging Optimizer", ""]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MATH_MODULES = ("align.losses", "align.grpo", "align.dpo", "align.merging")
+MATH_MODULES = ("align.losses", "align.grpo", "align.dpo", "align.merging", "align.stats")
 MACHINERY = ("ray", "vllm", "deepspeed", "accelerate", "transformers", "align.engine", "rollout", "reward")
 
 

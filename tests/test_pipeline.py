@@ -401,6 +401,24 @@ def test_report_accuracy_table_has_a_column_per_stage(tmp_path):
     assert "GRPO started from `RUN/x`." in report
 
 
+def test_report_shows_each_stage_change_with_a_paired_test(tmp_path):
+    """SFT gains 6 of 12 problems and loses none: p = 2 / 2^6 = 0.031, beyond chance. GRPO gains 2 and loses 1:
+    p = 1. DPO's reports carry no per-problem verdicts (runs before they were kept): said so."""
+    fake_run(tmp_path)
+    with_verdicts = lambda report, passed: {**report, "passed": passed}  # noqa: E731
+    sft = json.loads((tmp_path / "sft" / "eval.json").read_text())
+    write(tmp_path / "sft" / "eval.json", {"before": with_verdicts(sft["before"], [False] * 12),
+                                           "after SFT": with_verdicts(sft["after SFT"], [True] * 6 + [False] * 6)})
+    grpo = json.loads((tmp_path / "grpo" / "eval.json").read_text())
+    write(tmp_path / "grpo" / "eval.json", {
+        "before GRPO": with_verdicts(grpo["before GRPO"], [True, True, False, False] + [False] * 8),
+        "after GRPO": with_verdicts(grpo["after GRPO"], [True, False, True, True] + [False] * 8)})
+    report = build_report(tmp_path)
+    assert "| SFT | base → SFT | 12 | 0% | 50% | 6 | 0 | 0.031 | yes |" in report
+    assert "| GRPO | GRPO start → GRPO | 12 | 17% | 25% | 2 | 1 | 1.000 | no |" in report
+    assert "| DPO | SFT → DPO-AdamW | | 50% | 58% | | | | per-problem verdicts not recorded |" in report
+
+
 def test_accuracy_table_marks_columns_measured_on_other_counts():
     columns = {"SFT": eval_report({"arithmetic": {1: 2}}, n=4), "GRPO": eval_report({"arithmetic": {1: 1, 2: 1}},
                                                                                     n=2)}

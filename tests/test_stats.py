@@ -1,0 +1,45 @@
+"""The paired comparison behind the report's stage effects: the exact McNemar test by hand, against an
+enumeration of every outcome, and the counting of gained and lost problems."""
+
+import itertools
+
+import pytest
+
+from align.stats import mcnemar_exact_p, paired_change
+
+
+def test_mcnemar_by_hand():
+    """5 gained, 0 lost: 2 * (1/2)^5 = 0.0625. 9 and 1: 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024. 3 and 3: the
+    doubled tail 2 * (1 + 6 + 15 + 20) / 64 is over 1, capped. Nothing changed: 1."""
+    assert mcnemar_exact_p(5, 0) == pytest.approx(0.0625)
+    assert mcnemar_exact_p(0, 5) == pytest.approx(0.0625)
+    assert mcnemar_exact_p(9, 1) == pytest.approx(22 / 1024)
+    assert mcnemar_exact_p(3, 3) == 1.0
+    assert mcnemar_exact_p(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)
+
+
+def enumerated_p(gained: int, lost: int) -> float:
+    """Reference: the share of all 2^n equally likely gain/loss outcomes of the n discordant problems whose
+    imbalance |gained - lost| is at least the observed one."""
+    n = gained + lost
+    observed = abs(gained - lost)
+    outcomes = list(itertools.product((0, 1), repeat=n))
+    return sum(abs(2 * sum(o) - n) >= observed for o in outcomes) / len(outcomes)
+
+
+@pytest.mark.parametrize("gained,lost", [(a, b) for a in range(8) for b in range(8) if a + b <= 12])
+def test_mcnemar_equals_enumeration(gained, lost):
+    assert mcnemar_exact_p(gained, lost) == pytest.approx(enumerated_p(gained, lost), abs=1e-12)
+
+
+def test_paired_change_counts():
+    before = [True, True, False, False, True, False]
+    after = [True, False, True, True, True, False]
+    change = paired_change(before, after)
+    assert (change.problems, change.solved_before, change.solved_after) == (6, 3, 4)
+    assert (change.gained, change.lost) == (2, 1)
+    assert change.p_value == mcnemar_exact_p(2, 1) == 1.0
+    with pytest.raises(ValueError, match="not the same problems"):
+        paired_change([True], [True, False])
