@@ -33,8 +33,9 @@ Time budget (the issue: set-up plus the whole pipeline in at most 30 minutes on 
 own defaults take ~45 min in all; the per-stage defaults below trim SFT's evaluation to 25 problems per level, RM
 to 0.6 epoch, DPO to 350 prompts and GRPO to 8 steps. Measured from a fresh machine with no caches (Intel Xeon,
 2026-12-04 afternoon): set-up 1.5 min, base model 3.9 min (once per machine), SFT 2.8, RM 1.6, DPO 2.3, GRPO 3.7
-min: the pipeline 14.2 min, 15.8 with set-up. The same 2-core VMs have been up to 2.5x slower (AMD EPYC that
-morning: 33.1 min with set-up; an Intel Xeon on 2026-12-03: 39 min).
+min: the pipeline 14.2 min, 15.8 with set-up. The same 2-core VMs have been up to 2.5x slower: on an AMD EPYC
+(2026-12-06) set-up 2.7, base 7.0, SFT 5.3, RM 2.9, DPO 4.0, GRPO 6.7 min, 28.7 min with set-up, and GRPO 4.9
+min since its reward model scores only verified answers; earlier runs took 33-39 min there.
 
 Real models: `--base-model-path` (e.g. Qwen2.5-7B), `--data-dir` (the stages' data files), `--launcher` (how the
 DeepSpeed stages start: `accelerate launch --config_file ...` on GPUs) and each stage's preset in --STAGE-args;

@@ -27,7 +27,7 @@ on the driver before dispatch, so that a bad row cannot raise on one rank while 
 
 Verifier checks run first, in each actor's small thread pool (they mostly wait on sandboxed child processes);
 then the reward model scores the responses the combination gives its term (all with "sum", the passing ones with
-"gated": a fraction of a hard GRPO batch, which made the reward phase of the default GRPO run ~2x faster). Each
+"gated": a fraction of a hard GRPO batch, which made the reward phase of a GRPO step 2-3x faster). Each
 distinct (prompt, response, task) of a slice is scored once and its result copied to the repeats: a GRPO group of
 a confident policy holds the same completion several times over, and every check of a code answer is a sandboxed
 process.
@@ -207,7 +207,8 @@ def combine_rewards(model_score: torch.Tensor | None, verifier_pass: torch.Tenso
         raise ValueError("combine_rewards: neither a model score nor a verifier result")
     if model_score is None:
         return verifier_weight * verifier_pass.float()  # [N]
-    applies = model_term_for_all(model_score) if verifier_pass is None else COMBINATIONS[combination](verifier_pass)
+    applies = torch.ones_like(model_score, dtype=torch.bool) if verifier_pass is None else (
+        COMBINATIONS[combination](verifier_pass))  # [N]
     reward = torch.zeros(model_score.shape, dtype=torch.float32) if verifier_pass is None else (
         verifier_weight * verifier_pass.float())  # [N]
     reward[applies] += model_weight * NORMALIZERS[model_score_norm](model_score[applies].float())
@@ -320,7 +321,7 @@ class RewardActor(DistributedActor):
         passed, reasons = self._verify(requests) if self.args.verifiers else (None, ("",) * len(requests))
         if self.model is None:
             return SampleScores(None, passed, reasons)
-        scored = model_term_for_all(torch.zeros(len(requests))) if passed is None else (
+        scored = torch.ones(len(requests), dtype=torch.bool) if passed is None else (
             COMBINATIONS[self.args.combination](passed))  # [n] bool
         model_score = torch.full((len(requests),), float("nan"))
         model_score[scored] = self._model_scores([r for r, s in zip(requests, scored.tolist(), strict=True) if s])
