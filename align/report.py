@@ -56,15 +56,21 @@ def accuracy_columns(run_dir: Path) -> dict[str, dict]:
     columns.update({name: sft[key] for name, key in (("base", "before"), ("SFT", "after SFT")) if key in sft})
     dpo = load_json(run_dir / "dpo" / "report.json") or {}
     columns.update({name: r for name, r in dpo.get("accuracy", {}).items() if name != "SFT"})
-    grpo = load_json(run_dir / "grpo" / "eval.json") or {}
     # GRPO's start model again, on GRPO's own eval rows (more per level than the other stages'), so that its
-    # effect reads from two columns of the same problems. "before (SFT)": the key of runs before 2026-12-03.
-    start = grpo.get("before GRPO", grpo.get("before (SFT)"))
-    if start is not None and "after GRPO" in grpo:
+    # effect reads from two columns of the same problems.
+    start, trained = grpo_eval(run_dir)
+    if start is not None and trained is not None:
         columns["GRPO start"] = start
-    if "after GRPO" in grpo:
-        columns["GRPO"] = grpo["after GRPO"]
+    if trained is not None:
+        columns["GRPO"] = trained
     return columns
+
+
+def grpo_eval(run_dir: Path) -> tuple[dict | None, dict | None]:
+    """GRPO's (start, trained) EvalReport dicts from RUN/grpo/eval.json, None where missing. "before (SFT)": the
+    start's key in runs before 2026-12-03."""
+    grpo = load_json(run_dir / "grpo" / "eval.json") or {}
+    return grpo.get("before GRPO", grpo.get("before (SFT)")), grpo.get("after GRPO")
 
 
 def format_accuracy(columns: dict[str, dict]) -> str:
@@ -107,10 +113,9 @@ def stage_comparisons(run_dir: Path) -> list[tuple[str, str, str, dict, dict]]:
         pairs.append(("SFT", "base", "SFT", sft["before"], sft["after SFT"]))
     dpo = (load_json(run_dir / "dpo" / "report.json") or {}).get("accuracy", {})
     pairs += [("DPO", "SFT", name, dpo["SFT"], r) for name, r in dpo.items() if name != "SFT" and "SFT" in dpo]
-    grpo = load_json(run_dir / "grpo" / "eval.json") or {}
-    start = grpo.get("before GRPO", grpo.get("before (SFT)"))
-    if start is not None and "after GRPO" in grpo:
-        pairs.append(("GRPO", "GRPO start", "GRPO", start, grpo["after GRPO"]))
+    start, trained = grpo_eval(run_dir)
+    if start is not None and trained is not None:
+        pairs.append(("GRPO", "GRPO start", "GRPO", start, trained))
     return pairs
 
 

@@ -110,6 +110,12 @@ model term, passed [N] bool -> [N] bool. reward = verifier term + model term whe
 responses are scored by the reward model, and the model score is normalised over them."""
 
 
+def model_term_applies(verifier_pass: torch.Tensor | None, size: int, combination: str) -> torch.Tensor:
+    """[size] bool: the responses that get the model term, which are also the ones the reward model scores: all of
+    them without verifiers, else COMBINATIONS[combination](verifier_pass)."""
+    return torch.ones(size, dtype=torch.bool) if verifier_pass is None else COMBINATIONS[combination](verifier_pass)
+
+
 @dataclass(frozen=True)
 class RewardWorkerArgs:
     """How rewards are computed and by how many actors."""
@@ -207,8 +213,7 @@ def combine_rewards(model_score: torch.Tensor | None, verifier_pass: torch.Tenso
         raise ValueError("combine_rewards: neither a model score nor a verifier result")
     if model_score is None:
         return verifier_weight * verifier_pass.float()  # [N]
-    applies = torch.ones_like(model_score, dtype=torch.bool) if verifier_pass is None else (
-        COMBINATIONS[combination](verifier_pass))  # [N]
+    applies = model_term_applies(verifier_pass, model_score.numel(), combination)  # [N]
     reward = torch.zeros(model_score.shape, dtype=torch.float32) if verifier_pass is None else (
         verifier_weight * verifier_pass.float())  # [N]
     reward[applies] += model_weight * NORMALIZERS[model_score_norm](model_score[applies].float())
@@ -321,8 +326,7 @@ class RewardActor(DistributedActor):
         passed, reasons = self._verify(requests) if self.args.verifiers else (None, ("",) * len(requests))
         if self.model is None:
             return SampleScores(None, passed, reasons)
-        scored = torch.ones(len(requests), dtype=torch.bool) if passed is None else (
-            COMBINATIONS[self.args.combination](passed))  # [n] bool
+        scored = model_term_applies(passed, len(requests), self.args.combination)  # [n] bool
         model_score = torch.full((len(requests),), float("nan"))
         model_score[scored] = self._model_scores([r for r, s in zip(requests, scored.tolist(), strict=True) if s])
         return SampleScores(model_score, passed, reasons)
