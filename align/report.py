@@ -116,6 +116,11 @@ def stage_comparisons(run_dir: Path) -> list[tuple[str, str, str, dict, dict]]:
     start, trained = grpo_eval(run_dir)
     if start is not None and trained is not None:
         pairs.append(("GRPO", "GRPO start", "GRPO", start, trained))
+    sampled = load_json(run_dir / "grpo" / "eval_sampled.json") or {}
+    if "before GRPO" in sampled and "after GRPO" in sampled:
+        before = sampled["before GRPO"]
+        pairs.append((f"GRPO, {before['answers_per_problem']} samples at T {before['temperature']:g}, levels "
+                      "trained on", "GRPO start", "GRPO", before, sampled["after GRPO"]))
     return pairs
 
 
@@ -127,7 +132,9 @@ def stage_effects_section(run_dir: Path, significance: float = 0.05) -> list[str
         return ["Not run yet."]
     lines = [f"Each stage's model against the model it started from, on the same problems. Gained: solved only "
              f"after the stage; lost: only before. p: the chance of an imbalance at least this large if the stage "
-             f"changed nothing (exact McNemar test); below {significance:g} the change is beyond chance.", "",
+             f"changed nothing (exact McNemar test); below {significance:g} the change is beyond chance. Greedy "
+             f"answers, except the sampled row: several answers per problem, before and after are the fraction "
+             f"right, gained and lost the problems answered right more and less often (sign test).", "",
              "| stage | models | problems | before | after | gained | lost | p | beyond chance |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for stage, start, trained, before, after in comparisons:
@@ -138,10 +145,10 @@ def stage_effects_section(run_dir: Path, significance: float = 0.05) -> list[str
         change = paired_change(before["passed"], after["passed"])
         p = "<0.001" if change.p_value < 0.001 else f"{change.p_value:.3f}"
         verdict = "yes" if change.p_value < significance else "no"
+        answers = change.problems * before.get("answers_per_problem", 1)
         lines.append(f"| {stage} | {start} → {trained} | {change.problems} | "
-                     f"{_percent(change.solved_before / change.problems)} | "
-                     f"{_percent(change.solved_after / change.problems)} | {change.gained} | {change.lost} | {p} | "
-                     f"{verdict} |")
+                     f"{_percent(change.solved_before / answers)} | {_percent(change.solved_after / answers)} | "
+                     f"{change.gained} | {change.lost} | {p} | {verdict} |")
     return lines
 
 

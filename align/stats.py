@@ -5,6 +5,10 @@ null hypothesis that the stage changes nothing but noise, each discordant proble
 so the number gained is Binomial(gained + lost, 1/2): the exact McNemar test (McNemar 1947; the exact form avoids
 the chi-square approximation, which is poor for the few discordant problems a stage leaves here). Problems both
 solve, or neither, say nothing about the difference and do not enter the test.
+
+With several sampled answers per problem the same test applies to each problem's count of right answers: a problem
+whose count rose is gained, one whose count fell is lost, and under the null each is as likely as the other (the
+sign test, of which McNemar's is the one-answer case). Problems whose count did not change do not enter.
 """
 
 from __future__ import annotations
@@ -16,20 +20,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PairedChange:
-    """Two models on the same problems: how many each solved, and the discordant problems."""
+    """Two models on the same problems: how many right answers each gave, and the problems that changed."""
 
     problems: int
     """Problems both were evaluated on."""
     solved_before: int
-    """Solved by the first model."""
+    """Right answers of the first model (with one answer per problem: problems it solved)."""
     solved_after: int
-    """Solved by the second model."""
+    """Right answers of the second model."""
     gained: int
-    """Solved by the second model only."""
+    """Problems the second model answered right more often (one answer each: solved by it only)."""
     lost: int
-    """Solved by the first model only."""
+    """Problems the second model answered right less often (one answer each: solved by the first only)."""
     p_value: float
-    """Two-sided exact McNemar p-value (mcnemar_exact_p): 1.0 when no problem changed."""
+    """Two-sided exact McNemar (sign test) p-value, mcnemar_exact_p: 1.0 when no problem changed."""
 
 
 def mcnemar_exact_p(gained: int, lost: int) -> float:
@@ -45,14 +49,14 @@ def mcnemar_exact_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail / 2**discordant)
 
 
-def paired_change(before: Sequence[bool], after: Sequence[bool]) -> PairedChange:
-    """Compare per-problem verdicts of two models on the same problems, in the same order."""
+def paired_change(before: Sequence[int], after: Sequence[int]) -> PairedChange:
+    """Compare two models on the same problems, in the same order: per problem a verdict (bool) or a count of right
+    answers out of the same number sampled by each."""
     if len(before) != len(after):
         raise ValueError(f"paired_change: {len(before)} verdicts before but {len(after)} after (not the same problems)")
-    gained = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
-    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
-    return PairedChange(len(before), sum(map(bool, before)), sum(map(bool, after)), gained, lost,
-                        mcnemar_exact_p(gained, lost))
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a > b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if a < b)
+    return PairedChange(len(before), int(sum(before)), int(sum(after)), gained, lost, mcnemar_exact_p(gained, lost))
 
 
 __all__ = ["PairedChange", "mcnemar_exact_p", "paired_change"]

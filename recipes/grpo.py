@@ -16,7 +16,8 @@ With no arguments: the embedded default's SFT model (built once per machine if m
 task verifiers plus the default reward model, and held-out accuracy before and after.
 
 Output directory: `checkpoint-*/` (policy shards, optimizer, scheduler state, step; --resume), `final/` (a HF
-directory), `metrics.jsonl`, `tensorboard/`, `curves.png`, `config.yaml`, `eval.json`.
+directory), `metrics.jsonl`, `tensorboard/`, `curves.png`, `config.yaml`, `eval.json` (greedy held-out accuracy
+before and after), `eval_sampled.json` (sampled, on the levels trained on).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from align.actors import ActorResources, retry_after_restarts
 from align.checkpoint import latest_checkpoint, publish_checkpoint, read_state, remove_stale_staging, staging_dir
 from align.config import config_to_dict, parse_config, save_config
 from align.defaults import base_model_dir, reward_model_dir, sft_model_dir
-from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eval_rows
+from align.evaluate import (
+    EvalSuite,
+    evaluate_suites,
+    format_accuracy_table,
+    format_change,
+    read_eval_rows,
+    sampled_spec,
+)
 from align.grpo import group_advantages
 from align.metrics import MetricsLogger, plot_curves
 from align.model import copy_tokenizer_files
@@ -68,6 +76,10 @@ class DataArgs:
     eval_per_level: int = 50
     """Eval problems per task family and difficulty (the default's eval set has 50; at 25 one problem is 4 points,
     which hides a level's change in the noise)."""
+    eval_samples: int = 8
+    """Also sample this many answers per held-out problem of the levels trained on, at the rollout temperature, and
+    report the fraction right before and after (eval_sampled.json): how often the policy's own samples are right,
+    which is what the reward trains (0: greedy accuracy only)."""
 
 
 @dataclass(frozen=True)
@@ -298,10 +310,28 @@ def main(cfg: GRPOConfig) -> None:
     for group in (rollout, rewarder, policy):
         group.close()
     print(f"exported {final_dir}")
-    if eval_rows:  # both models in one vLLM process: its import alone costs ~16 s here
-        reports = evaluate_checkpoints({"before GRPO": policy_path, "after GRPO": final_dir}, eval_rows)
-        print("\nheld-out accuracy (greedy):\n" + format_accuracy_table(reports))
-        (out / "eval.json").write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
+    if eval_rows:
+        evaluate_before_after(policy_path, final_dir, eval_rows, cfg, out)
+
+
+def evaluate_before_after(start: str | Path, trained: Path, eval_rows: list[dict], cfg: GRPOConfig, out: Path) -> None:
+    """Held-out accuracy of the start and trained policies, greedy on every eval row (eval.json) and, with
+    data.eval_samples, sampled at the rollout temperature on the levels trained on (eval_sampled.json); printed as
+    tables with the paired change beneath each."""
+    suites = [EvalSuite(eval_rows)]
+    sampled_rows = select_levels(eval_rows, cfg.data.levels, "eval rows")
+    if cfg.data.eval_samples and sampled_rows:
+        suites.append(EvalSuite(sampled_rows, sampled_spec(cfg.data.eval_samples, cfg.rollout.temperature,
+                                                           cfg.rollout.max_tokens, seed=cfg.seed)))
+    # Both models and both suites in one vLLM process: its import alone costs ~16 s here.
+    results = evaluate_suites({"before GRPO": start, "after GRPO": trained}, suites)
+    for suite, reports, file in zip(suites, results, ("eval.json", "eval_sampled.json")[:len(suites)], strict=True):
+        what = "greedy" if suite.sampling.n == 1 else (
+            f"{suite.sampling.n} samples per problem at temperature {suite.sampling.temperature:g}, the levels "
+            f"trained on; the fraction right")
+        print(f"\nheld-out accuracy ({what}):\n" + format_accuracy_table(reports))
+        print(format_change(reports["before GRPO"], reports["after GRPO"]))
+        (out / file).write_text(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
 
 
 def rollout_sampling(args: RolloutArgs, seed: int) -> RolloutSampling:

@@ -2,6 +2,7 @@
 
     completions = generate(model_dir, prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=128))
     per_model = generate_many([(model_a, prompts), (model_b, prompts)], spec)   # one vLLM import for both
+    per_model = generate_batches([(model_a, [(prompts, greedy), (hard, sampled)]), ...])   # several specs each
 
 vLLM starts engine processes and holds global state (and all the memory it reserves for its KV cache) until its
 process exits, so a trainer that evaluates between stages runs it in a child: `python -m rollout.offline IN OUT`
@@ -74,8 +75,20 @@ def generate_many(jobs: list[tuple[str | Path, list[str]]], spec: SamplingSpec, 
                   max_model_len: int = 2048, gpu_memory_utilization: float = 0.15) -> list[list[list[Completion]]]:
     """`generate` for several (model_dir, prompts) jobs, one model after another in one child process: vLLM is
     imported once (~16 s here) instead of once per model."""
+    batches = generate_batches([(model_dir, [(prompts, spec)]) for model_dir, prompts in jobs], dtype, max_model_len,
+                               gpu_memory_utilization)
+    return [per_model[0] for per_model in batches]
+
+
+def generate_batches(jobs: list[tuple[str | Path, list[tuple[list[str], SamplingSpec]]]], dtype: str = "float32",
+                     max_model_len: int = 2048, gpu_memory_utilization: float = 0.15,
+                     ) -> list[list[list[list[Completion]]]]:
+    """Several (prompts, spec) batches per model, every model in one child process (one engine per model):
+    completions indexed [model][batch][prompt][completion]. The engine is seeded with each model's first spec's
+    seed."""
     with tempfile.TemporaryDirectory() as tmp:
-        request = {"jobs": [[str(model_dir), prompts] for model_dir, prompts in jobs], "spec": dataclasses.asdict(spec),
+        request = {"jobs": [[str(model_dir), [[prompts, dataclasses.asdict(spec)] for prompts, spec in batches]]
+                            for model_dir, batches in jobs],
                    "dtype": dtype, "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization}
         in_path, out_path = Path(tmp) / "request.json", Path(tmp) / "completions.json"
         in_path.write_text(json.dumps(request))
@@ -86,7 +99,7 @@ def generate_many(jobs: list[tuple[str | Path, list[str]]], spec: SamplingSpec, 
                **vllm_process_env(on_gpus=torch.cuda.is_available(), compile_sampler=False)}
         subprocess.run([sys.executable, "-m", "rollout.offline", str(in_path), str(out_path)], check=True, env=env)
         raw = json.loads(out_path.read_text())
-    return [[[Completion(**c) for c in per_prompt] for per_prompt in job] for job in raw]
+    return [[[[Completion(**c) for c in per_prompt] for per_prompt in batch] for batch in job] for job in raw]
 
 
 def _serve(in_path: str, out_path: str) -> None:
@@ -95,21 +108,26 @@ def _serve(in_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     request = json.loads(Path(in_path).read_text())
-    spec = SamplingSpec(**request["spec"])
-    params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-                            seed=spec.seed if spec.seed_requests else None, logprobs=0)
     results = []
-    for model_dir, prompts in request["jobs"]:
+    for model_dir, batches in request["jobs"]:
+        specs = [SamplingSpec(**spec) for _, spec in batches]
         llm = LLM(model=model_dir, dtype=request["dtype"], max_model_len=request["max_model_len"], enforce_eager=True,
-                  gpu_memory_utilization=request["gpu_memory_utilization"], seed=spec.seed)
-        outputs = llm.generate(prompts, params, use_tqdm=True)
-        results.append([
-            [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": str(c.finish_reason),
-              "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]}
-             for c in output.outputs]
-            for output in outputs
-        ])
-        del llm, outputs
+                  gpu_memory_utilization=request["gpu_memory_utilization"], seed=specs[0].seed)
+        per_batch = []
+        for (prompts, _), spec in zip(batches, specs, strict=True):
+            params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
+                                    max_tokens=spec.max_tokens, seed=spec.seed if spec.seed_requests else None,
+                                    logprobs=0)
+            outputs = llm.generate(prompts, params, use_tqdm=True)
+            per_batch.append([
+                [{"text": c.text, "token_ids": list(c.token_ids), "finish_reason": str(c.finish_reason),
+                  "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]}
+                 for c in output.outputs]
+                for output in outputs
+            ])
+            del outputs
+        results.append(per_batch)
+        del llm
         gc.collect()  # frees the engine and its KV cache before the next model's is reserved
     Path(out_path).write_text(json.dumps(results))
 

@@ -413,9 +413,17 @@ def test_report_shows_each_stage_change_with_a_paired_test(tmp_path):
     write(tmp_path / "grpo" / "eval.json", {
         "before GRPO": with_verdicts(grpo["before GRPO"], [True, True, False, False] + [False] * 8),
         "after GRPO": with_verdicts(grpo["after GRPO"], [True, False, True, True] + [False] * 8)})
+    # Sampled: 4 answers per problem, 6 problems; 5 answered right more often after, 1 less: p = 2 * 7/64.
+    sampled = lambda passed: {**grpo["before GRPO"], "passed": passed, "answers_per_problem": 4,  # noqa: E731
+                              "temperature": 1.0}
+    write(tmp_path / "grpo" / "eval_sampled.json", {"before GRPO": sampled([0, 1, 2, 0, 3, 2]),
+                                                    "after GRPO": sampled([1, 2, 4, 3, 2, 4])})
     report = build_report(tmp_path)
     assert "| SFT | base → SFT | 12 | 0% | 50% | 6 | 0 | 0.031 | yes |" in report
     assert "| GRPO | GRPO start → GRPO | 12 | 17% | 25% | 2 | 1 | 1.000 | no |" in report
+    # 8 of 24 answers right before, 16 after.
+    assert ("| GRPO, 4 samples at T 1, levels trained on | GRPO start → GRPO | 6 | 33% | 67% | 5 | 1 | 0.219 | no |"
+            in report)
     assert "| DPO | SFT → DPO-AdamW | | 50% | 58% | | | | per-problem verdicts not recorded |" in report
 
 

@@ -43,3 +43,17 @@ def test_paired_change_counts():
     assert change.p_value == mcnemar_exact_p(2, 1) == 1.0
     with pytest.raises(ValueError, match="not the same problems"):
         paired_change([True], [True, False])
+
+
+def test_paired_change_of_right_answer_counts_is_the_sign_test():
+    # Right answers out of 8 per problem: 3 problems up, 1 down, 2 unchanged.
+    before = [0, 3, 8, 2, 5, 1]
+    after = [2, 3, 8, 6, 4, 4]
+    change = paired_change(before, after)
+    assert (change.problems, change.solved_before, change.solved_after) == (6, 19, 27)
+    assert (change.gained, change.lost) == (3, 1)
+    # Sign test by hand: 4 changed, 1 the rarer way: 2 * (C(4,0) + C(4,1)) / 2^4 = 10/16.
+    assert change.p_value == pytest.approx(10 / 16)
+    # Verdicts are the one-answer case: booleans and 0/1 counts agree.
+    flags = [True, False, True, False]
+    assert paired_change(flags, flags[::-1]) == paired_change([1, 0, 1, 0], [0, 1, 0, 1])
