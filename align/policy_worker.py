@@ -66,6 +66,11 @@ class PolicyArgs:
     """Token budget of one packed micro-batch (prompt + completion tokens)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass."""
+    skip_zero_advantage: bool = True
+    """Without a KL term, leave samples whose advantage is exactly 0 (every sample of a zero-variance group) out of
+    the forward and backward passes: their loss and its gradient are exactly 0, and the loss is still divided by the
+    token (or sequence) count of all samples, so the update is the one training on them would make, for less
+    compute. The optimizer steps even when every sample is left out (Adam's moments still move the weights)."""
     collective_timeout_s: float = 1800.0
     """Timeout of the group's collectives (a hung rank fails the step instead of hanging the run)."""
 
@@ -317,7 +322,7 @@ class PolicyWorkerGroup:
     """`args.resources.num_actors` PolicyActors forming one ZeRO-3 group, called as one. Needs a running Ray."""
 
     def __init__(self, args: PolicyArgs, loss: LossArgs, total_steps: int):
-        self.args = args
+        self.args, self.loss = args, loss
         self._placement_group, self.actors = start_actors(PolicyActor, args.resources,
                                                           args.resources.accelerator_env(), args, loss, total_steps)
         form_process_group(self.actors, args.collective_timeout_s)
@@ -336,11 +341,14 @@ class PolicyWorkerGroup:
         """One optimizer step on `samples`, drawn at sampling `temperature`; metric sums over ranks (ratio_min/max
         combined by min/max). `skipped` is 1.0 when the step was dropped for a non-finite gradient; `poison`
         forces that (tests)."""
-        num_tokens = sum(s.num_completion_tokens for s in samples)
-        per_rank = self.plan(samples, seed)
-        results = ray.get([actor.train_step.remote(mbs, num_tokens, len(samples), poison, temperature)
+        num_tokens, num_sequences = sum(s.num_completion_tokens for s in samples), len(samples)
+        if self.args.skip_zero_advantage and not self.loss.kl_beta:
+            samples = [s for s in samples if s.advantage != 0.0]
+        # Nothing left: one empty micro-batch per rank, so every rank still takes the optimizer step.
+        per_rank = self.plan(samples, seed) if samples else [[[]] for _ in self.actors]
+        results = ray.get([actor.train_step.remote(mbs, num_tokens, num_sequences, poison, temperature)
                            for actor, mbs in zip(self.actors, per_rank, strict=True)])
-        total: dict[str, float] = {}
+        total: dict[str, float] = {"zero_advantage_skipped": float(num_sequences - len(samples))}
         for result in results:
             total = add_step_metrics(total, result)
         return total

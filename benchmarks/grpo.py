@@ -17,7 +17,10 @@ clip 0.2 / 0.28, no KL term and no reference model, AdamW (lr 1e-6, betas 0.9 / 
 Each side its own way:
 - ours: the real recipe in a subprocess: a vLLM rollout actor (in-process engine), the reward actor, a one-rank
   ZeRO-3 policy actor, weights synced to vLLM after every update; every queried group trained (zero-variance
-  groups kept, as TRL keeps them: `--scheduler-zero-variance deprioritize`, uniform order).
+  groups kept, as TRL keeps them: `--scheduler-zero-variance deprioritize`, uniform order). Their samples have
+  zero advantage and, without a KL term, zero gradient: the policy leaves them out of its forward and backward
+  passes (`PolicyArgs.skip_zero_advantage`; the loss's token count still includes them, so the update is the same
+  as TRL's, which computes them). The table gives their share.
 - TRL: `GRPOTrainer` with its default generation (transformers' `generate` on the training model, padded
   batches). TRL's vLLM colocate mode fails on this CPU (it loads weights with `model.load_weights`, which vLLM's
   CPU backend rejects), so its vLLM paths are not compared here.
@@ -250,6 +253,7 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
             "train_s": [r["seconds_train"] for r in records], "reward_s": [r["seconds_reward"] for r in records],
             "completion_lengths_mean": [r["response_length"] for r in records],
             "trained_samples": [r["trained_samples"] for r in records],
+            "zero_advantage_skipped": [r.get("zero_advantage_skipped", 0.0) for r in records],
             "setup_s": wall - sum(r["seconds_step"] for r in records), "command": " ".join(command[1:])}
 
 
@@ -353,7 +357,8 @@ def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
     summary["ours"].update(
         sync_share=sum(ours["sync_s"][timed]) / sum(ours["step_s"][timed]),
         phase_share={phase: sum(ours[f"{phase}_s"][timed]) / sum(ours["step_s"][timed])
-                     for phase in ("rollout", "reward", "train", "sync")})
+                     for phase in ("rollout", "reward", "train", "sync")},
+        zero_advantage_share=sum(ours["zero_advantage_skipped"][timed]) / sum(ours["trained_samples"][timed]))
     # Seconds per step by phase, both sides: where the speed-up comes from, and how far it could go.
     ours_phases = {phase: statistics.mean(ours[f"{key}_s"][timed]) for phase, key in
                    (("generation", "rollout"), ("reward", "reward"), ("training", "train"), ("weight sync", "sync"))}
@@ -407,6 +412,8 @@ def markdown_table(s: dict) -> str:
         lines.append(f"| {phase} | {seconds:.2f} | {peer_cells} |")
     lines.append(f"| speed-up bound if our generation were free | | | "
                  f"{ratios['step_speedup_bound_free_generation']:.2f}x |")
+    lines += ["", f"Samples with zero advantage, left out of our training passes (their gradient is zero; TRL trains "
+              f"on them): {100 * ours['zero_advantage_share']:.0f}%."]
     return "\n".join(lines)
 
 

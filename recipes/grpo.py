@@ -269,6 +269,8 @@ def main(cfg: GRPOConfig) -> None:
             "accuracy": tally["passed"] / tally["samples"],
             "zero_variance_fraction": scheduled.num_zero_variance / max(scheduled.num_rollouts, 1),
             "trained_samples": len(samples),
+            # of those, left out of the passes: zero advantage, zero gradient (PolicyArgs.skip_zero_advantage)
+            "zero_advantage_skipped": parts.get("zero_advantage_skipped", 0.0),
             "response_length": tally["completion_tokens"] / tally["samples"],
             "kl": parts.get("kl_sum", float("nan")) / max(tokens, 1.0),
             "entropy": parts.get("entropy_sum", float("nan")) / max(tokens, 1.0),
