@@ -15,7 +15,9 @@ clip 0.2 / 0.28, no KL term and no reference model, AdamW (lr 1e-6, betas 0.9 / 
   matrix products run ~10x faster than float32 (measured on an Intel Xeon); elsewhere they may be slower.
 
 Each side its own way:
-- ours: the real recipe in a subprocess: a vLLM rollout actor (in-process engine), the reward actor, a one-rank
+- ours: the real recipe in a subprocess: one vLLM rollout actor per core (in-process engines of one torch thread
+  each, the recipe's default: a tiny model's decoding is mostly engine overhead, which two engines overlap), the
+  reward actor, a one-rank
   ZeRO-3 policy actor, weights synced to vLLM after every update; every queried group trained (zero-variance
   groups kept, as TRL keeps them: `--scheduler-zero-variance deprioritize`, uniform order). Their samples have
   zero advantage and, without a KL term, zero gradient: the policy leaves them out of its forward and backward
@@ -236,7 +238,9 @@ def run_ours(model_path: Path, prompts_path: Path, output_dir: Path, steps: int,
         "--output-dir", str(output_dir),
         "--steps", str(steps), "--queries-per-step", str(queries), "--rollout-n", str(GROUP),
         "--rollout-max-tokens", str(tokens), "--rollout-ignore-eos", "--rollout-max-model-len", str(MAX_MODEL_LEN),
-        "--rollout-resources-torch-threads", str(threads), "--policy-resources-torch-threads", str(threads),
+        # the recipe's default: one single-threaded vLLM engine per core
+        "--rollout-resources-num-actors", str(threads), "--rollout-resources-num-cpus", str(0.5 / threads),
+        "--rollout-resources-torch-threads", "1", "--policy-resources-torch-threads", str(threads),
         "--reward-resources-torch-threads", str(threads), "--policy-lr", str(LR), "--policy-betas", "0.9,0.99",
         "--loss-epsilon-low", "0.2", "--loss-epsilon-high", "0.28", "--loss-kl-beta", "0",
         "--scheduler-order", "uniform", "--scheduler-revisit", "epoch", "--scheduler-zero-variance", "deprioritize",

@@ -41,6 +41,7 @@ def grpo_args(tiny_dir: Path, output_dir: Path, *extra: str) -> list[str]:
             "--reward-model-weight", "1.0", "--reward-combination", "sum", "--queries-per-step", "3",
             "--rollout-n", "4", "--rollout-max-tokens", "24", "--rollout-max-model-len", "256",
             "--policy-micro-batch-tokens", "256", "--output-dir", str(output_dir),
+            "--rollout-resources-num-actors", "1", "--rollout-resources-num-cpus", "0.5",  # one engine: less memory
             # float32 on any CPU: the sync checks' 1e-3 log-prob tolerance is a float32 statement
             "--policy-dtype", "float32", "--rollout-dtype", "float32", *extra]
 
