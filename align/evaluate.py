@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from align.stats import paired_change
+from align.stats import format_p_value, paired_change
 from align.tokenizer import load_tokenizer
 from reward.verifiers import check_task
 from rollout.offline import SamplingSpec, generate_batches
@@ -94,8 +94,7 @@ def evaluate_checkpoint(model_dir: str | Path, eval_rows: list[dict], max_new_to
 def evaluate_checkpoints(model_dirs: dict[str, str | Path], eval_rows: list[dict],
                          max_new_tokens: int = 256) -> dict[str, EvalReport]:
     """`evaluate_checkpoint` for several models by name, generated in one vLLM child process."""
-    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=max_new_tokens)
-    return evaluate_suites(model_dirs, [EvalSuite(eval_rows, spec)])[0]
+    return evaluate_suites(model_dirs, [EvalSuite(eval_rows, replace(GREEDY, max_tokens=max_new_tokens))])[0]
 
 
 def evaluate_suites(model_dirs: dict[str, str | Path], suites: list[EvalSuite]) -> list[dict[str, EvalReport]]:
@@ -155,6 +154,6 @@ def format_change(before: EvalReport, after: EvalReport) -> str:
     change = paired_change(before.passed, after.passed)
     more, less = ("solved only after", "solved only before") if before.answers_per_problem == 1 else (
         "answered right more often after", "less often")
-    p = "<0.001" if change.p_value < 0.001 else f"{change.p_value:.3f}"
-    return (f"{change.problems} problems: {change.gained} {more}, {change.lost} {less}; p = {p} "
+    return (f"{change.problems} problems: {change.gained} {more}, {change.lost} {less}; "
+            f"p = {format_p_value(change.p_value)} "
             f"(exact {'McNemar' if before.answers_per_problem == 1 else 'sign'} test)")

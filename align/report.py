@@ -32,7 +32,7 @@ from pathlib import Path
 from align.files import write_text_atomic
 from align.metrics import read_metrics
 from align.pipeline import DONE, DPO_VARIANTS, STAGE_NAMES
-from align.stats import paired_change
+from align.stats import format_p_value, paired_change
 
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "dpo": "DPO (AdamW, OnDARE, OnTIES)", "grpo": "GRPO"}
 THROUGHPUT = {"sft": "training tokens/s", "rm": "training tokens/s", "dpo": "training tokens/s (mean of variants)",
@@ -143,12 +143,11 @@ def stage_effects_section(run_dir: Path, significance: float = 0.05) -> list[str
                          f"{_percent(after['overall'])} | | | | per-problem verdicts not recorded |")
             continue
         change = paired_change(before["passed"], after["passed"])
-        p = "<0.001" if change.p_value < 0.001 else f"{change.p_value:.3f}"
         verdict = "yes" if change.p_value < significance else "no"
         answers = change.problems * before.get("answers_per_problem", 1)
         lines.append(f"| {stage} | {start} → {trained} | {change.problems} | "
                      f"{_percent(change.solved_before / answers)} | {_percent(change.solved_after / answers)} | "
-                     f"{change.gained} | {change.lost} | {p} | {verdict} |")
+                     f"{change.gained} | {change.lost} | {format_p_value(change.p_value)} | {verdict} |")
     return lines
 
 

@@ -59,4 +59,9 @@ def paired_change(before: Sequence[int], after: Sequence[int]) -> PairedChange:
     return PairedChange(len(before), int(sum(before)), int(sum(after)), gained, lost, mcnemar_exact_p(gained, lost))
 
 
-__all__ = ["PairedChange", "mcnemar_exact_p", "paired_change"]
+def format_p_value(p: float) -> str:
+    """A p-value as a table cell: three decimals, or "<0.001" below that (more digits would claim false precision)."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+__all__ = ["PairedChange", "format_p_value", "mcnemar_exact_p", "paired_change"]

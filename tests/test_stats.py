@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from align.stats import mcnemar_exact_p, paired_change
+from align.stats import format_p_value, mcnemar_exact_p, paired_change
 
 
 def test_mcnemar_by_hand():
@@ -57,3 +57,10 @@ def test_paired_change_of_right_answer_counts_is_the_sign_test():
     # Verdicts are the one-answer case: booleans and 0/1 counts agree.
     flags = [True, False, True, False]
     assert paired_change(flags, flags[::-1]) == paired_change([1, 0, 1, 0], [0, 1, 0, 1])
+
+
+def test_format_p_value_rounds_to_three_places_and_floors_at_one_in_a_thousand():
+    assert format_p_value(0.05312) == "0.053"
+    assert format_p_value(1.0) == "1.000"
+    assert format_p_value(0.001) == "0.001"
+    assert format_p_value(0.00099) == "<0.001"
