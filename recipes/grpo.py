@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -207,13 +208,20 @@ def main(cfg: GRPOConfig) -> None:
             ray.init(address="auto")  # a cluster `ray start` started on this machine
         except ConnectionError:  # none: a local Ray for this run only, without the dashboard clusters use
             ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)
-    rollout = RolloutWorkerGroup(RolloutWorkerArgs(
-        model_path=policy_path, resources=cfg.rollout.resources, dtype=cfg.rollout.dtype,
-        max_model_len=cfg.rollout.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
-        max_restarts=cfg.rollout.max_restarts, compile_sampler=cfg.rollout.compile_sampler))
-    rewarder = RewardWorkerGroup(reward_args)
-    policy = PolicyWorkerGroup(replace(cfg.policy, model_path=policy_path), cfg.loss, cfg.steps)
+    # The three groups start at once: each waits for its actors to import vLLM or DeepSpeed and load a model, and
+    # their waits overlap.
+    tic = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        starting_rollout = pool.submit(RolloutWorkerGroup, RolloutWorkerArgs(
+            model_path=policy_path, resources=cfg.rollout.resources, dtype=cfg.rollout.dtype,
+            max_model_len=cfg.rollout.max_model_len, kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
+            max_restarts=cfg.rollout.max_restarts, compile_sampler=cfg.rollout.compile_sampler))
+        starting_rewarder = pool.submit(RewardWorkerGroup, reward_args)
+        starting_policy = pool.submit(PolicyWorkerGroup, replace(cfg.policy, model_path=policy_path), cfg.loss,
+                                      cfg.steps)
+        rollout, rewarder, policy = starting_rollout.result(), starting_rewarder.result(), starting_policy.result()
+    print(f"workers ready in {time.perf_counter() - tic:.0f} s")
     scheduler = QueryScheduler(len(rows), cfg.scheduler)
 
     start_step = 0
@@ -323,14 +331,14 @@ def evaluate_before_after(start: str | Path, trained: Path, eval_rows: list[dict
     """Held-out accuracy of the start and trained policies, greedy on every eval row (eval.json) and, with
     data.eval_samples, sampled at the rollout temperature on the levels trained on (eval_sampled.json); printed as
     tables with the paired change beneath each."""
-    suites = [EvalSuite(eval_rows)]
+    files = {"eval.json": EvalSuite(eval_rows)}
     sampled_rows = select_levels(eval_rows, cfg.data.levels, "eval rows")
     if cfg.data.eval_samples and sampled_rows:
-        suites.append(EvalSuite(sampled_rows, sampled_spec(cfg.data.eval_samples, cfg.rollout.temperature,
-                                                           cfg.rollout.max_tokens, seed=cfg.seed)))
+        files["eval_sampled.json"] = EvalSuite(sampled_rows, sampled_spec(
+            cfg.data.eval_samples, cfg.rollout.temperature, cfg.rollout.max_tokens, seed=cfg.seed))
     # Both models and both suites in one vLLM process: its import alone costs ~16 s here.
-    results = evaluate_suites({"before GRPO": start, "after GRPO": trained}, suites)
-    for suite, reports, file in zip(suites, results, ("eval.json", "eval_sampled.json")[:len(suites)], strict=True):
+    results = evaluate_suites({"before GRPO": start, "after GRPO": trained}, list(files.values()))
+    for (file, suite), reports in zip(files.items(), results, strict=True):
         what = "greedy" if suite.sampling.n == 1 else (
             f"{suite.sampling.n} samples per problem at temperature {suite.sampling.temperature:g}, the levels "
             f"trained on; the fraction right")
