@@ -91,9 +91,9 @@ class PipelineConfig:
     """Extra recipes/reward_model.py flags (default: 0.6 of an epoch, for the time budget)."""
     dpo_args: str = "--build-max-prompts 350"
     """Extra recipes/dpo.py flags (default: sample pairs from 350 prompts, for the time budget)."""
-    grpo_args: str = "--steps 8"
-    """Extra recipes/grpo.py flags (default: 8 of the recipe's 15 steps of 64 hard-level queries, for the time
-    budget)."""
+    grpo_args: str = "--steps 8 --data-eval-samples 8"
+    """Extra recipes/grpo.py flags (default: 8 of the recipe's 15 steps of 64 hard-level queries, and 8 sampled
+    answers per held-out problem instead of 16, for the time budget)."""
     base_model_path: str = ""
     """The base model SFT starts from and DPO's task vector is taken against (a Hugging Face directory, e.g.
     Qwen2.5-7B). Empty: the embedded default's, built once per machine."""

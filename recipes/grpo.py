@@ -77,10 +77,11 @@ class DataArgs:
     eval_per_level: int = 50
     """Eval problems per task family and difficulty (the default's eval set has 50; at 25 one problem is 4 points,
     which hides a level's change in the noise)."""
-    eval_samples: int = 8
+    eval_samples: int = 16
     """Also sample this many answers per held-out problem of the levels trained on, at the rollout temperature, and
     report the fraction right before and after (eval_sampled.json): how often the policy's own samples are right,
-    which is what the reward trains (0: greedy accuracy only)."""
+    which is what the reward trains (0: greedy accuracy only). More answers make each problem's count less noisy:
+    the default run's +3 points gave p 0.053 with 8, 0.027 with 16 and 0.003 with 32 (2026-12-07)."""
 
 
 @dataclass(frozen=True)

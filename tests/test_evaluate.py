@@ -6,6 +6,7 @@ import pytest
 from align.evaluate import EvalSuite, _score, evaluate_suites, read_eval_rows, sampled_spec
 from align.tasks import TaskDataConfig, select_levels
 from align.tiny import build_tiny
+from reward.verifiers import check_task
 from rollout.offline import SamplingSpec, generate_batches
 
 ROWS = [{"family": "arithmetic", "difficulty": level, "answer": answer,
@@ -34,6 +35,23 @@ def test_sampled_score_counts_right_answers_per_problem():
     assert report.correct == {"arithmetic": {1: 2, 2: 2}} and report.total == {"arithmetic": {1: 6, 2: 3}}
     assert report.accuracy("arithmetic", 1) == 2 / 6 and report.overall == 4 / 9
     assert report.to_dict()["answers_per_problem"] == 3 and report.to_dict()["temperature"] == 1.0
+
+
+def test_each_distinct_answer_to_a_problem_is_checked_once(monkeypatch):
+    import align.evaluate
+    checked = []
+    def counting_check(row, text):
+        checked.append((row["answer"], text))
+        return check_task(row, text)
+    monkeypatch.setattr(align.evaluate, "check_task", counting_check)
+    # The same text under two problems is two checks: whether it is right depends on the problem.
+    answers = [[boxed("5"), boxed("5"), boxed("6"), boxed("5")], [boxed("5"), boxed("7"), boxed("7"), boxed("5")],
+               [boxed("-3")] * 4]
+    report = _score(ROWS, answers, sampled_spec(4, 1.0))
+    assert sorted(checked) == sorted([("5", boxed("5")), ("5", boxed("6")), ("7", boxed("5")), ("7", boxed("7")),
+                                      ("-3", boxed("-3"))])
+    assert report.passed == [3, 2, 4]
+    assert report.correct == {"arithmetic": {1: 5, 2: 4}} and report.total == {"arithmetic": {1: 8, 2: 4}}
 
 
 @pytest.mark.slow
