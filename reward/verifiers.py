@@ -61,7 +61,7 @@ _RESULTS_MARKER = "@@qwen-align-test-results@@"
 # Runs in the sandbox after the line `_SOLUTION, _MODE, _TESTS, _MARKER = ...`. Whatever the solution does to it
 # (patching builtins, json or stdout, exiting early) can only make the check fail: the verdict is decided outside.
 _HARNESS = """
-import json as _json, sys as _sys
+import _json, sys as _sys
 
 
 def _error_text(error):
@@ -93,11 +93,35 @@ def _outcome(number, text):
         return {"error": _error_text(error)}
 
 
+def _dumps(value):
+    # json.dumps of _plain data, by hand: importing json (and the re and enum modules it pulls in) would cost
+    # ~20 ms, a third of a sandboxed run. _json is its C string escaper.
+    kind = type(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("Out of range float values are not JSON compliant")
+        return float.__repr__(value)
+    if kind is str:
+        return _json.encode_basestring_ascii(value)
+    if kind is list:
+        return "[" + ", ".join([_dumps(item) for item in value]) + "]"
+    if kind is dict:
+        return "{" + ", ".join([_json.encode_basestring_ascii(key) + ": " + _dumps(item)
+                                for key, item in value.items()]) + "}"
+    raise TypeError("Object of type %s is not JSON serializable" % kind.__name__)
+
+
 def _encoded(outcome):
     try:
-        return _json.dumps(outcome, allow_nan=False)
+        return _dumps(outcome)
     except (ValueError, TypeError, RecursionError) as error:
-        return _json.dumps({"error": _error_text(error)})
+        return _dumps({"error": _error_text(error)})
 
 
 _namespace = {"__name__": "__solution__", "__builtins__": __builtins__}

@@ -390,6 +390,21 @@ def test_types_must_match_exactly():
     assert check_code(python_block("def scaled(a, b):\n    return 7.0"), TESTS).reason == "test 1: got 7.0, expected 7"
 
 
+def test_returned_values_of_every_plain_kind_reach_the_caller_intact():
+    # The harness encodes its report by hand (without importing json); the caller parses it with json.
+    values = [None, True, False, 0, -12345678901234567890, 2.5, -0.0, 1e300, "", "quote \" slash \\ tab \t",
+              "ünïcödé ✓ \u2028", [], [1, [2.5, ["x"]]], {}, {"a": [1, {"b": None}], "é": "ß"}]
+    tests = [f"assert same({i}) == 0" for i in range(len(values))]
+    code = f"def same(i):\n    return {values!r}[i]"
+    result = run_untrusted(_harness_program(code, "calls", [f"same({i})" for i in range(len(values))]), limits=FAST)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(_RESULTS_MARKER)]
+    assert json.loads(line[len(_RESULTS_MARKER):]) == [{"value": value} for value in values]
+    assert check_code(python_block(code), tests).reason == "test 1: got None, expected 0"
+    # Non-finite floats are not JSON: reported as that test's error, as json.dumps(allow_nan=False) would.
+    verdict = check_code(python_block("def scaled(a, b):\n    return float('nan')"), TESTS)
+    assert verdict.reason == "test 1: ValueError: Out of range float values are not JSON compliant"
+
+
 def test_patching_the_harness_and_builtins_does_not_pass():
     forged = json.dumps([{"value": 7}] * 3)
     code = f"""
