@@ -37,7 +37,8 @@ backward, optimizer step). Their quotient bounds the speed-up: TRL's step over o
 
 Rollout against raw vLLM: the same requests (Q prompts x 8 samples x --completion-tokens tokens, per-prompt
 seeds, log-probs of the sampled tokens) through our `RolloutWorkerGroup` (one actor) and through `vllm.LLM.generate`
-in a plain process with the same engine settings; best of --repeats calls each. Target: within 10%.
+in a plain process with the same engine settings; best of --repeats calls in each of --rollout-rounds runs per
+side, the sides alternating (the VM's speed drifts). Target: within 10%.
 Weight sync: the recipe's `seconds_sync` over `seconds_step`. Target: < 5%.
 
     python benchmarks/grpo.py [--quick] [--steps 6] [--queries 16] [--completion-tokens 128] [--model-path DIR]
@@ -267,7 +268,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer, warm-up included")
     parser.add_argument("--queries", type=int, default=16, help="queries per step (x 8 completions)")
     parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion, exactly")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of the rollout comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per run of the rollout comparison")
+    parser.add_argument("--rollout-rounds", type=int, default=2,
+                        help="runs of each side of the rollout comparison, alternating (best call of all counts)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="precision of both trainers (see above)")
@@ -301,11 +304,9 @@ def main() -> None:
         runs["trl"] = in_subprocess(__file__, trl, threads, args.max_wait)
         print_run("trl", runs["trl"])
         requests = prompt_ids(str(model_path), rows[:queries])
-        rollout = {kind: in_subprocess(__file__, dict(kind=kind, model_path=str(model_path), prompts=requests,
-                                                      tokens=tokens, repeats=args.repeats, threads=threads,
-                                                      dtype=dtype),
-                                       threads, args.max_wait)
-                   for kind in ("rollout_actor", "raw_vllm")}
+        rollout = compare_rollouts(dict(model_path=str(model_path), prompts=requests, tokens=tokens,
+                                        repeats=args.repeats, threads=threads, dtype=dtype),
+                                   args.rollout_rounds, threads, args.max_wait)
     load["end"] = os.getloadavg()
 
     summary = summarise(runs, rollout, queries, tokens)
@@ -347,6 +348,18 @@ def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, Path, str]:
 
     tiny = build_tiny(tmp / "model", seed=0)
     return tiny, tiny / "data" / "prompts.jsonl", "embedded tiny architecture, random weights (seed 0)"
+
+
+def compare_rollouts(spec: dict, rounds: int, threads: int, max_wait: float) -> dict[str, dict]:
+    """Our rollout actor and raw vLLM on the same requests, each once per round, in alternating order; their
+    calls pooled per kind. This VM's speed drifts by 10-20% over minutes, more than the difference measured, so
+    one run of each, one after the other, can show either ahead."""
+    calls: dict[str, list[dict]] = {"rollout_actor": [], "raw_vllm": []}
+    for round_index in range(rounds):
+        for kind in list(calls)[::1 if round_index % 2 == 0 else -1]:
+            calls[kind].append(in_subprocess(__file__, dict(kind=kind, **spec), threads, max_wait))
+    return {kind: {"call_s": [s for run in runs for s in run["call_s"]], "tokens": runs[0]["tokens"],
+                   "foreign_cores": max(run["foreign_cores"] for run in runs)} for kind, runs in calls.items()}
 
 
 def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
