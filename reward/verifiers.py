@@ -22,6 +22,7 @@ import ast
 import json
 import math
 import re
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from align.tasks import extract_boxed_answer
@@ -233,6 +234,19 @@ def check_code(response: str, tests: list[str], timeout: float = 10.0) -> Verdic
         return _verdict(result, _reported_outcomes(result.stdout, len(tests)), [value for _, value in calls])
     result = run_untrusted(_harness_program(code, "asserts", list(tests)), limits=limits)
     return _verdict(result, _reported_outcomes(result.stdout, len(tests)), None)
+
+
+def first_occurrences(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """(positions of each distinct key's first occurrence, for every position the index of its key among them).
+    Example: keys [a, b, a] -> ([0, 1], [0, 1, 0])."""
+    index_of: dict[Hashable, int] = {}
+    firsts, inverse = [], []
+    for position, key in enumerate(keys):
+        if key not in index_of:
+            index_of[key] = len(firsts)
+            firsts.append(position)
+        inverse.append(index_of[key])
+    return firsts, inverse
 
 
 def check_task(row: dict, response: str) -> Verdict:

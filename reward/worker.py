@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -61,7 +61,7 @@ from align.data.pairs import tokenize_pair
 from align.tokenizer import load_tokenizer
 from reward.evaluate import score_sequences
 from reward.model import load_reward_model
-from reward.verifiers import Verdict, check_task
+from reward.verifiers import Verdict, check_task, first_occurrences
 
 VERIFIERS: dict[str, Callable[[Mapping, str], Verdict]] = {"task": check_task}
 """Verifier name -> check(task row, response). "task": the synthetic tasks' checker (reward.verifiers.check_task),
@@ -257,19 +257,6 @@ def greedy_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
             chunks.append([index])
             tokens = length
     return chunks
-
-
-def first_occurrences(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
-    """(positions of each distinct key's first occurrence, for every position the index of its key among them).
-    Example: keys [a, b, a] -> ([0, 1], [0, 1, 0])."""
-    index_of: dict[Hashable, int] = {}
-    firsts, inverse = [], []
-    for position, key in enumerate(keys):
-        if key not in index_of:
-            index_of[key] = len(firsts)
-            firsts.append(position)
-        inverse.append(index_of[key])
-    return firsts, inverse
 
 
 def request_key(request: RewardRequest) -> str:

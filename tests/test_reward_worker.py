@@ -17,7 +17,7 @@ from align.tiny import build_tiny
 from align.tokenizer import load_tokenizer
 from reward.evaluate import score_sequences
 from reward.model import load_reward_model, save_reward_model
-from reward.verifiers import check_task
+from reward.verifiers import check_task, first_occurrences
 from reward.worker import (
     RewardActor,
     RewardRequest,
@@ -25,7 +25,6 @@ from reward.worker import (
     RewardWorkerGroup,
     check_requests,
     combine_rewards,
-    first_occurrences,
     greedy_chunks,
 )
 
