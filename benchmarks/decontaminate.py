@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import time
 
 import numpy as np
-import torch
-from harness import write_report
+from harness import machine_description, write_report
 
 from align.data.decontaminate import lcs_length, required_lcs, scan
 
@@ -204,8 +202,7 @@ def main() -> None:
     print("\n" + markdown_table(rows) + "\n\n" + stages_table(stages) + "\n\n" + plants_table(plant_rows))
     report = {
         "benchmark": "decontaminate", "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-                   f"numpy {np.__version__}, torch {torch.__version__}",
+        "machine": f"{machine_description(os.cpu_count())}, numpy {np.__version__}",
         "load_average_before_after": [load_before[0], load_after[0]],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rule": "|LCS| >= 13 and |LCS| >= 0.6 * min(|s_t|, |s_e|) (Qwen2.5 report, section 4.1)",

@@ -3,10 +3,10 @@
     python benchmarks/run_all.py [--results-dir DIR] [--only NAME[,NAME...]] [--quick] [--no-run]
 
 1. Unless --no-run: runs `benchmarks/NAME.py --output DIR/NAME.json` for each benchmark below, in order, each in a
-   subprocess whose output streams to the console (grpo_bf16 is `grpo.py --dtype bfloat16`). --quick passes each
-   script's own smoke-run flag; all have one (`--quick`); a script without one would run in full. A benchmark that
-   exits nonzero is reported with its exit code, the others still run, and run_all exits nonzero at the end.
-   --only limits which ones run.
+   subprocess whose output streams to the console (grpo_bf16 is `grpo.py --dtype bfloat16`, run only where bfloat16
+   is native: a GPU or a CPU with AMX). --quick passes each script's own smoke-run flag; all have one (`--quick`);
+   a script without one would run in full. A benchmark that exits nonzero is reported with its exit code, the
+   others still run, and run_all exits nonzero at the end. --only limits which ones run.
 2. Always: reads DIR/NAME.json of every benchmark (not only those just run) and prints one Markdown table,
    `benchmark | metric | ours | peer | ratio | target | date | machine`, also written to DIR/all.md, with its rows
    (raw numbers) in DIR/all.json.
@@ -32,6 +32,7 @@ from pathlib import Path
 from harness import machine_description
 
 from align.files import write_text_atomic
+from align.model.config import has_fast_bf16
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 COLUMNS = ("benchmark", "metric", "ours", "peer", "ratio", "target", "date", "machine")
@@ -163,6 +164,9 @@ class Benchmark:
     """benchmarks/SCRIPT.py; empty: the benchmark's own name."""
     args: tuple[str, ...] = ()
     """Further arguments of the script."""
+    needs_fast_bf16: bool = False
+    """Run only where bfloat16 matrix products are native (`has_fast_bf16`); elsewhere both sides would measure
+    bfloat16 emulation, 10-250x slower than float32, for hours."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {  # name: results in DIR/NAME.json
@@ -171,7 +175,7 @@ BENCHMARKS: dict[str, Benchmark] = {  # name: results in DIR/NAME.json
     "dpo": Benchmark(dpo_rows),
     "grpo": Benchmark(grpo_rows),
     # Mixed precision on both sides: ~10x faster matrix products on CPUs with AMX (README, "GRPO benchmark").
-    "grpo_bf16": Benchmark(grpo_rows, script="grpo", args=("--dtype", "bfloat16")),
+    "grpo_bf16": Benchmark(grpo_rows, script="grpo", args=("--dtype", "bfloat16"), needs_fast_bf16=True),
     "reward_scoring": Benchmark(reward_scoring_rows),
     "decontaminate": Benchmark(decontaminate_rows),
 }
@@ -187,6 +191,10 @@ def run_benchmarks(names: list[str], results_dir: Path, quick: bool, scripts_dir
     failed = {}
     for name in names:
         benchmark = BENCHMARKS[name]
+        if benchmark.needs_fast_bf16 and not has_fast_bf16():
+            print(f"\n=== {name}: skipped, this machine has no native bfloat16 matrix products (the table keeps its "
+                  "last results, dated)", flush=True)
+            continue
         quick_flag = benchmark.quick_flag
         if quick and not quick_flag:
             print(f"note: {name} has no quick mode; running it in full", flush=True)

@@ -193,10 +193,38 @@ def test_unknown_only_name_is_an_argparse_error(tmp_path, capsys):
     assert "decoder, sft, dpo, grpo, grpo_bf16, reward_scoring, decontaminate" in err
 
 
-def test_a_variant_runs_its_script_with_its_arguments(tmp_path, capfd):
+def test_a_variant_runs_its_script_with_its_arguments(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(run_all, "has_fast_bf16", lambda: True)
     scripts, results = tmp_path / "scripts", tmp_path / "results"
     scripts.mkdir()
     (scripts / "grpo.py").write_text("import sys\nprint('fake grpo argv', sys.argv[1:])\n")
     assert run_all.main(["--only", "grpo_bf16", "--quick", "--results-dir", str(results)], scripts_dir=scripts) == 0
     out = capfd.readouterr().out
     assert f"fake grpo argv ['--dtype', 'bfloat16', '--output', '{results / 'grpo_bf16.json'}', '--quick']" in out
+
+
+def test_the_bf16_variant_is_skipped_without_native_bf16_and_keeps_its_dated_row(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(run_all, "has_fast_bf16", lambda: False)
+    scripts, results = tmp_path / "scripts", tmp_path / "results"
+    scripts.mkdir()
+    (scripts / "grpo.py").write_text("print('grpo ran')\n")
+    results.mkdir()
+    shutil.copy(BENCHMARKS / "results" / "grpo.json", results / "grpo_bf16.json")
+    assert run_all.main(["--only", "grpo_bf16", "--results-dir", str(results)], scripts_dir=scripts) == 0
+    out = capfd.readouterr().out
+    assert "grpo_bf16: skipped, this machine has no native bfloat16" in out and "grpo ran" not in out
+    date = json.loads((results / "grpo_bf16.json").read_text())["date"]
+    assert "| grpo_bf16 | seconds per step vs TRL GRPOTrainer" in out and f"| {date} |" in out
+
+
+def test_machine_description_names_the_cpu_and_its_widest_matrix_instructions(tmp_path):
+    from harness import cpu_description
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx2 avx512f "
+                       "amx_bf16 amx_tile\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n")
+    assert cpu_description(cpuinfo) == "Intel(R) Xeon(R) Platinum 8481C (AMX)"
+    cpuinfo.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n")
+    assert cpu_description(cpuinfo) == "AMD EPYC 7B13 (AVX2)"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu sse\n")
+    assert cpu_description(cpuinfo) == "Some CPU"
