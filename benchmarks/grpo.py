@@ -27,6 +27,11 @@ Each side its own way:
   batches). TRL's vLLM colocate mode fails on this CPU (it loads weights with `model.load_weights`, which vLLM's
   CPU backend rejects), so its vLLM paths are not compared here.
 
+Both trainers run --rounds times, alternating (ours first in odd rounds, TRL first in even ones): this VM's speed
+drifts over minutes, and one run of each, one after the other, measured our step at 7.5 s and 13.3 s in two
+benchmarks 20 minutes apart while TRL's stayed at 22-23 s. Each side's steps are pooled over its runs; every
+run's mean and each round's ratio are in the JSON and the table.
+
 Measured, skipping the first WARMUP_STEPS steps: seconds per step (ours: the recipe's `seconds_step`, the wall
 time of one loop iteration: rollout, reward, train, sync; TRL: a `TrainerCallback` from on_step_begin to
 on_step_end, which covers its generation, reward, loss, backward and optimizer step) and generated tokens per
@@ -41,8 +46,8 @@ in a plain process with the same engine settings; best of --repeats calls in eac
 side, the sides alternating (the VM's speed drifts). Target: within 10%.
 Weight sync: the recipe's `seconds_sync` over `seconds_step`. Target: < 5%.
 
-    python benchmarks/grpo.py [--quick] [--steps 6] [--queries 16] [--completion-tokens 128] [--model-path DIR]
-        [--dtype float32|bfloat16]
+    python benchmarks/grpo.py [--quick] [--rounds 2] [--steps 6] [--queries 16] [--completion-tokens 128]
+        [--model-path DIR] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -268,6 +273,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer, warm-up included")
     parser.add_argument("--queries", type=int, default=16, help="queries per step (x 8 completions)")
     parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion, exactly")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each trainer, alternating (steps pooled)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per run of the rollout comparison")
     parser.add_argument("--rollout-rounds", type=int, default=2,
                         help="runs of each side of the rollout comparison, alternating (best call of all counts)")
@@ -285,6 +291,9 @@ def main() -> None:
     steps, queries = (WARMUP_STEPS + 2, 4) if args.quick else (args.steps, args.queries)
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    rounds = 1 if args.quick else args.rounds
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
     tokens, threads, dtype = args.completion_tokens, args.threads, args.dtype
 
     load = {"start": os.getloadavg()}
@@ -296,13 +305,20 @@ def main() -> None:
         prompts_path = tmp / "prompts.jsonl"
         prompts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-        runs = {"ours": run_ours(model_path, prompts_path, tmp / "ours", steps, queries, tokens, threads, dtype,
-                                 args.max_wait)}
-        print_run("ours", runs["ours"])
-        trl = dict(kind="trl", model_path=str(model_path), prompts_path=str(prompts_path), output_dir=str(tmp / "trl"),
-                   steps=steps, queries=queries, tokens=tokens, threads=threads, dtype=dtype)
-        runs["trl"] = in_subprocess(__file__, trl, threads, args.max_wait)
-        print_run("trl", runs["trl"])
+        def run_side(name: str, round_index: int) -> dict:
+            if name == "ours":
+                return run_ours(model_path, prompts_path, tmp / f"ours-{round_index}", steps, queries, tokens,
+                                threads, dtype, args.max_wait)
+            trl = dict(kind="trl", model_path=str(model_path), prompts_path=str(prompts_path),
+                       output_dir=str(tmp / f"trl-{round_index}"), steps=steps, queries=queries, tokens=tokens,
+                       threads=threads, dtype=dtype)
+            return in_subprocess(__file__, trl, threads, args.max_wait)
+
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for round_index in range(rounds):
+            for name in list(runs)[::1 if round_index % 2 == 0 else -1]:
+                runs[name].append(run_side(name, round_index))
+                print_run(f"{name}, round {round_index + 1}/{rounds}", runs[name][-1])
         requests = prompt_ids(str(model_path), rows[:queries])
         rollout = compare_rollouts(dict(model_path=str(model_path), prompts=requests, tokens=tokens,
                                         repeats=args.repeats, threads=threads, dtype=dtype),
@@ -315,7 +331,7 @@ def main() -> None:
     # Ray's actors are not the driver's children, so their CPU counts as "foreign": only the one-process runs
     # (TRL, raw vLLM) are checked for other load; every run starts on an idle machine (max_wait).
     warnings = [f"{name}: other processes used {run['foreign_cores']:.2f} cores on average while it ran; rerun on "
-                "an idle machine" for name, run in (("trl", runs["trl"]), ("raw_vllm", rollout["raw_vllm"]))
+                "an idle machine" for name, run in (("trl", summary["trl"]), ("raw_vllm", rollout["raw_vllm"]))
                 if run["foreign_cores"] > BUSY_CORES]
     for warning in warnings:
         print(f"WARNING: {warning}")
@@ -323,11 +339,11 @@ def main() -> None:
         "benchmark": "grpo", "date": time.strftime("%Y-%m-%d"), "machine": machine_description(threads),
         "load_average_1_5_15": load, "warnings": warnings, "model": model_note, "steps": steps,
         "warmup_steps_skipped": WARMUP_STEPS, "queries_per_step": queries, "completions_per_query": GROUP,
-        "completion_tokens": tokens, "dtype": dtype,
+        "completion_tokens": tokens, "dtype": dtype, "rounds": rounds,
         "peer": f"trl {package_version('trl')} GRPOTrainer, default generation (transformers "
                 f"{package_version('transformers')} generate; TRL's vLLM colocate mode fails on the CPU)",
-        "ours_command": runs["ours"]["command"], "summary": summary, "table": table,
-        "per_step": {name: run["step_s"] for name, run in runs.items()},
+        "ours_command": runs["ours"][0]["command"], "summary": summary, "table": table,
+        "per_step": {name: [run["step_s"] for run in side] for name, side in runs.items()},
         "rollout_calls": {name: run["call_s"] for name, run in rollout.items()},
     }
     write_report(args.output, report)
@@ -362,27 +378,34 @@ def compare_rollouts(spec: dict, rounds: int, threads: int, max_wait: float) -> 
                    "foreign_cores": max(run["foreign_cores"] for run in runs)} for kind, runs in calls.items()}
 
 
-def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
+def timed(runs: list[dict], key: str) -> list[float]:
+    """A per-step series of every run, the warm-up steps left out, pooled."""
+    return [value for run in runs for value in run[key][WARMUP_STEPS:]]
+
+
+def summarise(runs: dict[str, list[dict]], rollout: dict, queries: int, tokens: int) -> dict:
+    """Each trainer's runs pooled (mean over all their timed steps), each run's and each round's figures beside."""
     generated = queries * GROUP * tokens
     summary = {}
-    for name, run in runs.items():
-        step_s = statistics.mean(run["step_s"][WARMUP_STEPS:])
+    for name, side in runs.items():
+        step_s = statistics.mean(timed(side, "step_s"))
         summary[name] = {"step_s": step_s, "generated_tokens_per_s": generated / step_s,
-                         "setup_s": run["setup_s"], "foreign_cores": run["foreign_cores"]}
+                         "setup_s": statistics.mean(run["setup_s"] for run in side),
+                         "foreign_cores": max(run["foreign_cores"] for run in side),
+                         "step_s_per_run": [statistics.mean(timed([run], "step_s")) for run in side]}
     ours = runs["ours"]
-    timed = slice(WARMUP_STEPS, None)
     summary["ours"].update(
-        sync_share=sum(ours["sync_s"][timed]) / sum(ours["step_s"][timed]),
-        phase_share={phase: sum(ours[f"{phase}_s"][timed]) / sum(ours["step_s"][timed])
+        sync_share=sum(timed(ours, "sync_s")) / sum(timed(ours, "step_s")),
+        phase_share={phase: sum(timed(ours, f"{phase}_s")) / sum(timed(ours, "step_s"))
                      for phase in ("rollout", "reward", "train", "sync")},
-        zero_advantage_share=sum(ours["zero_advantage_skipped"][timed]) / sum(ours["trained_samples"][timed]))
+        zero_advantage_share=sum(timed(ours, "zero_advantage_skipped")) / sum(timed(ours, "trained_samples")))
     # Seconds per step by phase, both sides: where the speed-up comes from, and how far it could go.
-    ours_phases = {phase: statistics.mean(ours[f"{key}_s"][timed]) for phase, key in
+    ours_phases = {phase: statistics.mean(timed(ours, f"{key}_s")) for phase, key in
                    (("generation", "rollout"), ("reward", "reward"), ("training", "train"), ("weight sync", "sync"))}
     ours_phases["other"] = summary["ours"]["step_s"] - sum(ours_phases.values())
     trl = runs["trl"]
-    trl_phases = {"generation": statistics.mean(trl["generate_s"][timed]),
-                  "reward": statistics.mean(trl["reward_s"][timed])}
+    trl_phases = {"generation": statistics.mean(timed(trl, "generate_s")),
+                  "reward": statistics.mean(timed(trl, "reward_s"))}
     trl_phases["training"] = summary["trl"]["step_s"] - sum(trl_phases.values())
     summary["ours"]["phase_s"], summary["trl"]["phase_s"] = ours_phases, trl_phases
     for name, run in rollout.items():
@@ -390,6 +413,8 @@ def summarise(runs: dict, rollout: dict, queries: int, tokens: int) -> dict:
                          "tokens": run["tokens"], "foreign_cores": run["foreign_cores"]}
     summary["ratios"] = {
         "step_speedup_over_trl": summary["trl"]["step_s"] / summary["ours"]["step_s"],
+        "step_speedup_over_trl_per_round": [trl_s / ours_s for ours_s, trl_s in zip(
+            summary["ours"]["step_s_per_run"], summary["trl"]["step_s_per_run"], strict=True)],
         "rollout_over_raw_vllm": summary["rollout_actor"]["tokens_per_s"] / summary["raw_vllm"]["tokens_per_s"],
         # The speed-up if our generation took no time at all: an upper bound set by the rest of our step.
         "step_speedup_bound_free_generation": summary["trl"]["step_s"] / (
@@ -409,6 +434,8 @@ def markdown_table(s: dict) -> str:
         f"| generated tokens/s | {ours['generated_tokens_per_s']:.0f} | {trl['generated_tokens_per_s']:.0f} | "
         f"{ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f}x |",
         f"| start-up s | {ours['setup_s']:.1f} | {trl['setup_s']:.1f} | |",
+        *[f"| seconds per step, round {i + 1} | {o:.2f} | {t:.2f} | {r:.2f}x |" for i, (o, t, r) in enumerate(zip(
+            ours["step_s_per_run"], trl["step_s_per_run"], ratios["step_speedup_over_trl_per_round"], strict=True))],
         "",
         "| rollout, same requests | our RolloutWorkerGroup | raw vllm.LLM.generate | ours / raw |",
         "|---|---:|---:|---:|",
