@@ -153,17 +153,16 @@ def trl_settings(steps: int, pairs_per_step: int) -> dict:
 def write_pairs(model_path: Path, out: Path, count: int) -> dict:
     """The first `count` pairs of the model's data/pairs.jsonl that fit MAX_LENGTH, as TRL conversational rows;
     returns their mean tokens per pair (both sides, as the recipe tokenizes them)."""
-    from align.data import load_rows
+    from align.data import load_rows, tokenize_dpo_pairs
     from align.tokenizer import load_tokenizer
 
-    recipe = load_recipe()
     source = model_path / "data" / "pairs.jsonl"
     rows = [json.loads(line) for line in source.read_text().splitlines()]
     tokenizer = load_tokenizer(model_path)
     kept, lengths = [], []
     for row in rows:
         row = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-        pairs, dropped = recipe.tokenize_dpo_pairs([row], tokenizer, MAX_LENGTH, str(source))
+        pairs, dropped = tokenize_dpo_pairs([row], tokenizer, MAX_LENGTH, str(source))
         if not dropped:
             kept.append(row)
             lengths.append(len(pairs[0]))

@@ -48,13 +48,11 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -62,14 +60,13 @@ from align.checkpoint import latest_checkpoint, read_state
 from align.config import parse_config
 from align.data import (
     DataError,
-    TokenizedChat,
+    DpoPair,
     collate,
     load_rows,
-    parse_pair,
     plan_epochs,
     plan_micro_batches,
-    render,
     tokenize_chat,
+    tokenize_dpo_pairs,
 )
 from align.defaults import base_model_dir, sft_model_dir
 from align.dpo import DPO_LOSSES, segment_ids_from_lengths, sequence_logprob_sums
@@ -77,7 +74,7 @@ from align.engine import TrainEngine
 from align.evaluate import evaluate_checkpoints, format_accuracy_table, read_eval_rows
 from align.metrics import MetricsLogger, plot_curves, read_metrics
 from align.model import copy_tokenizer_files, load_pretrained, save_state_dict
-from align.model.io import safetensors_files
+from align.model.io import TaskVectors
 from align.optimizers import OMOArgs, OnlineMergingAdamW, attach_task_vectors, attach_task_vectors_zero3
 from align.rejection import eval_reference_rows
 from align.run import claim_output_dir, param_groups, refuse_other_runs, save_checkpoint
@@ -251,17 +248,6 @@ def main(cfg: DPOConfig) -> None:
 # --- one DPO run --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DpoPair:
-    """Both conversations of a pair; each loss_mask marks the answer's tokens (never the prompt's)."""
-
-    chosen: TokenizedChat
-    rejected: TokenizedChat
-
-    def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
-
-
 def train(cfg: DPOConfig) -> Path:
     """One DPO run into cfg.output_dir; returns its final/ directory."""
     out = Path(cfg.output_dir)
@@ -425,43 +411,6 @@ def loss_kwargs(args: LossArgs, chosen_lengths: torch.Tensor, rejected_lengths: 
     return {}
 
 
-def tokenize_answer(prompt: list[dict], answer: list[dict], tokenizer) -> TokenizedChat:
-    """prompt + answer rendered and tokenized as at inference; the loss mask covers the answer's assistant tokens.
-
-    tokenize_chat marks every assistant turn, so assistant turns inside a multi-turn prompt are unmarked here: a
-    token is the answer's when it starts at or after the end of the prompt rendered with the generation header.
-    """
-    full = tokenize_chat(prompt + answer, tokenizer)
-    if not any(m["role"] == "assistant" for m in prompt):
-        return full
-    boundary = len(render(prompt, tokenizer, add_generation_prompt=True))
-    offsets = tokenizer(render(prompt + answer, tokenizer), add_special_tokens=False,
-                        return_offsets_mapping=True)["offset_mapping"]
-    mask = [m and start >= boundary for m, (start, _) in zip(full.loss_mask, offsets, strict=True)]
-    return TokenizedChat(full.input_ids, mask)
-
-
-def tokenize_dpo_pairs(rows, tokenizer, max_length: int, source: str) -> tuple[list[DpoPair], int]:
-    """Check and tokenize every row; returns the pairs with both sides within max_length, and how many were not.
-
-    Raises:
-        DataError: on the first invalid row, naming source, row and field.
-    """
-    pairs, dropped = [], 0
-    for index, row in enumerate(rows):
-        pair = parse_pair(row, source, index)
-        try:
-            chosen, rejected = (tokenize_answer(pair.prompt, answer, tokenizer) for answer in (pair.chosen,
-                                                                                              pair.rejected))
-        except DataError as error:
-            raise DataError(f"{source}: row {index}: {error}") from error
-        if max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-        else:
-            pairs.append(DpoPair(chosen, rejected))
-    return pairs, dropped
-
-
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, batch, segments: torch.Tensor) -> torch.Tensor:
     """[P, 2] summed answer log-probs (chosen, rejected) of a packed batch of pairs, without gradients."""
@@ -515,45 +464,6 @@ def stored_reference_logps(path: Path, reference: torch.nn.Module, ref_dir: Path
         print(f"reference log-probs: {len(pairs)} pairs scored in {time.perf_counter() - tic:.0f} s, saved to {path}")
     engine.barrier()
     return logps
-
-
-class TaskVectors(Mapping):
-    """tau = theta_SFT - theta_base by parameter name, read from both checkpoints one tensor at a time (float32)."""
-
-    def __init__(self, sft_dir: Path, base_dir: Path, model: torch.nn.Module):
-        self.files = {"sft": _weight_files(sft_dir), "base": _weight_files(base_dir)}
-        self.names = [name for name, _ in model.named_parameters()]
-        shapes = {name: p.shape for name, p in model.named_parameters()}
-        for name in self.names:
-            for side, directory in (("sft", sft_dir), ("base", base_dir)):
-                if name not in self.files[side]:
-                    raise ValueError(f"{directory}: no weight {name!r}; the base model must match the SFT model")
-            with safe_open(self.files["base"][name], framework="pt") as f:
-                shape = tuple(f.get_slice(name).get_shape())
-            if shape != tuple(shapes[name]):
-                raise ValueError(f"{base_dir}: {name} has shape {shape}, the SFT model {tuple(shapes[name])}")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensors = []
-        for side in ("sft", "base"):
-            with safe_open(self.files[side][name], framework="pt") as f:
-                tensors.append(f.get_tensor(name).float())
-        return tensors[0] - tensors[1]
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """Which safetensors file of a model directory holds each tensor."""
-    files = {}
-    for file in safetensors_files(model_dir):
-        with safe_open(file, framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
-    return files
 
 
 # --- the comparison (the embedded default): pairs, three optimizers, evaluation -----------------------------------

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from align.config import load_config
-from align.data import DataError, collate, load_rows
+from align.data import DataError, collate, load_rows, tokenize_answer, tokenize_dpo_pairs
 from align.dpo import segment_ids_from_lengths
 from align.model import copy_tokenizer_files, load_pretrained, save_pretrained
 from align.tasks import TaskDataConfig
@@ -119,7 +119,7 @@ def test_stored_reference_logps_equal_live_reference(models, tmp_path):
     # The stored values are the reference model's summed answer log-probs, scored here one pair at a time.
     recipe = load_recipe()
     tokenizer = load_tokenizer(models["sft"])
-    pairs, _ = recipe.tokenize_dpo_pairs(load_rows(models["pairs"]), tokenizer, 512, "pairs")
+    pairs, _ = tokenize_dpo_pairs(load_rows(models["pairs"]), tokenizer, 512, "pairs")
     saved = torch.load(stored / "ref_logps.pt", weights_only=False)
     reference = load_pretrained(models["sft"]).eval()
     for i, pair in enumerate(pairs):
@@ -223,12 +223,11 @@ def test_bad_inputs_exit_with_one_line_errors(models, tmp_path):
 
 def test_answer_mask_skips_the_prompt(models):
     """Only the answer's tokens are scored, also when the prompt holds an earlier assistant turn."""
-    recipe = load_recipe()
     tokenizer = load_tokenizer(models["sft"])
     prompt = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"},
               {"role": "user", "content": "And 2 + 2?"}]
     answer = [{"role": "assistant", "content": "4"}]
-    chat = recipe.tokenize_answer(prompt, answer, tokenizer)
+    chat = tokenize_answer(prompt, answer, tokenizer)
     marked = tokenizer.decode([t for t, m in zip(chat.input_ids, chat.loss_mask, strict=True) if m])
     assert marked == "4<|im_end|>"
 

@@ -1,6 +1,6 @@
 """Training data: chat rows in the TRL / OpenRLHF `messages` format, tokenized with an assistant-only loss mask
-(`chat.py`); preference pairs in TRL / RewardBench formats (`pairs.py`); packing into padding-free micro-batches
-grouped into optimizer steps (`packing.py`)."""
+(`chat.py`); preference pairs in TRL / RewardBench formats, for reward models and DPO (`pairs.py`); packing into
+padding-free micro-batches grouped into optimizer steps (`packing.py`)."""
 
 from align.data.chat import (
     ROLES,
@@ -16,11 +16,21 @@ from align.data.chat import (
     validate_chat_row,
 )
 from align.data.packing import PackedBatch, StepPlan, collate, plan_epochs, plan_micro_batches, plan_steps
-from align.data.pairs import PairStats, PreferencePair, TokenizedPair, parse_pair, tokenize_pairs
+from align.data.pairs import (
+    DpoPair,
+    PairStats,
+    PreferencePair,
+    TokenizedPair,
+    parse_pair,
+    tokenize_answer,
+    tokenize_dpo_pairs,
+    tokenize_pairs,
+)
 
 __all__ = [
     "ROLES",
     "DataError",
+    "DpoPair",
     "PackedBatch",
     "PairStats",
     "PreferencePair",
@@ -37,8 +47,10 @@ __all__ = [
     "plan_micro_batches",
     "plan_steps",
     "render",
+    "tokenize_answer",
     "tokenize_chat",
     "tokenize_dataset",
+    "tokenize_dpo_pairs",
     "tokenize_pairs",
     "validate_chat_row",
 ]

@@ -1,4 +1,5 @@
-"""Preference pairs: rows in the formats TRL and RewardBench users have, checked and tokenized for reward models.
+"""Preference pairs: rows in the formats TRL and RewardBench users have, checked, and tokenized for reward models
+(whole conversations, scored at their last token) or for DPO (conversations with a loss mask on the answer).
 
 Accepted rows (other keys are kept but ignored):
 - RewardBench / TRL "standard": `prompt`, `chosen`, `rejected` as strings (the prompt is one user turn, each answer
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from align.data.chat import DataError, check_messages, render
+from align.data.chat import DataError, TokenizedChat, check_messages, render, tokenize_chat
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,56 @@ def tokenize_pairs(
             pairs.append(tokenized)
     tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     return pairs, PairStats(rows=len(rows), dropped_too_long=dropped, tokens=tokens)
+
+
+# --- for DPO: the policy's log-probs of each answer given the prompt --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DpoPair:
+    """Both conversations of a pair; each loss_mask marks the answer's tokens (never the prompt's)."""
+
+    chosen: TokenizedChat
+    rejected: TokenizedChat
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def tokenize_answer(prompt: list[dict], answer: list[dict], tokenizer: PreTrainedTokenizerBase) -> TokenizedChat:
+    """prompt + answer rendered and tokenized as at inference; the loss mask covers the answer's assistant tokens.
+
+    tokenize_chat marks every assistant turn, so assistant turns inside a multi-turn prompt are unmarked here: a
+    token is the answer's when it starts at or after the end of the prompt rendered with the generation header.
+    """
+    full = tokenize_chat(prompt + answer, tokenizer)
+    if not any(m["role"] == "assistant" for m in prompt):
+        return full
+    boundary = len(render(prompt, tokenizer, add_generation_prompt=True))
+    offsets = tokenizer(render(prompt + answer, tokenizer), add_special_tokens=False,
+                        return_offsets_mapping=True)["offset_mapping"]
+    mask = [m and start >= boundary for m, (start, _) in zip(full.loss_mask, offsets, strict=True)]
+    return TokenizedChat(full.input_ids, mask)
+
+
+def tokenize_dpo_pairs(
+    rows: datasets.Dataset | Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str
+) -> tuple[list[DpoPair], int]:
+    """Check and tokenize every row; returns the pairs with both sides within max_length, and how many were not.
+
+    Raises:
+        DataError: on the first invalid row, naming source, row and field.
+    """
+    pairs, dropped = [], 0
+    for index, row in enumerate(rows):
+        pair = parse_pair(row, source, index)
+        try:
+            chosen, rejected = (tokenize_answer(pair.prompt, answer, tokenizer) for answer in (pair.chosen,
+                                                                                              pair.rejected))
+        except DataError as error:
+            raise DataError(f"{source}: row {index}: {error}") from error
+        if max(len(chosen), len(rejected)) > max_length:
+            dropped += 1
+        else:
+            pairs.append(DpoPair(chosen, rejected))
+    return pairs, dropped

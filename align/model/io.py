@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -101,6 +102,46 @@ def read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.
         except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
             raise ValueError(f"{file}: unreadable safetensors file ({err})") from err
     return state
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Which safetensors file of a model directory holds each tensor."""
+    files = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as reader:
+            files.update(dict.fromkeys(reader.keys(), file))
+    return files
+
+
+class TaskVectors(Mapping):
+    """tau = theta_SFT - theta_base by parameter name, read from both checkpoints one tensor at a time (float32),
+    so neither model is held whole: the Online Merging Optimizer's task vectors (align.optimizers)."""
+
+    def __init__(self, sft_dir: Path, base_dir: Path, model: torch.nn.Module):
+        self.files = {"sft": tensor_files(sft_dir), "base": tensor_files(base_dir)}
+        self.names = [name for name, _ in model.named_parameters()]
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        for name in self.names:
+            for side, directory in (("sft", sft_dir), ("base", base_dir)):
+                if name not in self.files[side]:
+                    raise ValueError(f"{directory}: no weight {name!r}; the base model must match the SFT model")
+            with safe_open(self.files["base"][name], framework="pt") as reader:
+                shape = tuple(reader.get_slice(name).get_shape())
+            if shape != tuple(shapes[name]):
+                raise ValueError(f"{base_dir}: {name} has shape {shape}, the SFT model {tuple(shapes[name])}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensors = []
+        for side in ("sft", "base"):
+            with safe_open(self.files[side][name], framework="pt") as reader:
+                tensors.append(reader.get_tensor(name).float())
+        return tensors[0] - tensors[1]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def save_pretrained(model: Qwen2ForCausalLM, output_dir: str | Path, max_shard_size: int = 5 * 2**30) -> None:
