@@ -15,13 +15,16 @@ truncated (truncation would score a cut-off answer), and the count is reported, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
 from align.data.chat import DataError, TokenizedChat, check_messages, render, tokenize_chat
+
+Tokenized = TypeVar("Tokenized", "TokenizedPair", "DpoPair")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class TokenizedPair:
     rejected_ids: list[int]
     margin: float
     subset: str | None
+
+    @property
+    def longest_side(self) -> int:
+        return max(len(self.chosen_ids), len(self.rejected_ids))
 
 
 def parse_pair(row: Mapping, source: str, index: int) -> PreferencePair:
@@ -135,15 +142,30 @@ def tokenize_pairs(
     Raises:
         DataError: on the first invalid row, naming source, row and field.
     """
+    pairs, dropped = _tokenize_rows(rows, source, max_length, lambda pair: tokenize_pair(pair, tokenizer))
+    tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return pairs, PairStats(rows=len(rows), dropped_too_long=dropped, tokens=tokens)
+
+
+def _tokenize_rows(rows: datasets.Dataset | Sequence[Mapping], source: str, max_length: int,
+                   tokenize: Callable[[PreferencePair], Tokenized]) -> tuple[list[Tokenized], int]:
+    """(tokenized pairs with no side over max_length, how many had one): every row parsed, then tokenized.
+
+    Raises:
+        DataError: on the first invalid row, naming source, row and field.
+    """
     pairs, dropped = [], 0
     for index, row in enumerate(rows):
-        tokenized = tokenize_pair(parse_pair(row, source, index), tokenizer)
-        if max(len(tokenized.chosen_ids), len(tokenized.rejected_ids)) > max_length:
+        pair = parse_pair(row, source, index)
+        try:
+            tokenized = tokenize(pair)
+        except DataError as error:  # a message the chat checks raise without the row
+            raise DataError(f"{source}: row {index}: {error}") from error
+        if tokenized.longest_side > max_length:
             dropped += 1
         else:
             pairs.append(tokenized)
-    tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    return pairs, PairStats(rows=len(rows), dropped_too_long=dropped, tokens=tokens)
+    return pairs, dropped
 
 
 # --- for DPO: the policy's log-probs of each answer given the prompt --------------------------------------------------
@@ -158,6 +180,10 @@ class DpoPair:
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
+
+    @property
+    def longest_side(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
 
 
 def tokenize_answer(prompt: list[dict], answer: list[dict], tokenizer: PreTrainedTokenizerBase) -> TokenizedChat:
@@ -184,16 +210,5 @@ def tokenize_dpo_pairs(
     Raises:
         DataError: on the first invalid row, naming source, row and field.
     """
-    pairs, dropped = [], 0
-    for index, row in enumerate(rows):
-        pair = parse_pair(row, source, index)
-        try:
-            chosen, rejected = (tokenize_answer(pair.prompt, answer, tokenizer) for answer in (pair.chosen,
-                                                                                              pair.rejected))
-        except DataError as error:
-            raise DataError(f"{source}: row {index}: {error}") from error
-        if max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-        else:
-            pairs.append(DpoPair(chosen, rejected))
-    return pairs, dropped
+    return _tokenize_rows(rows, source, max_length, lambda pair: DpoPair(
+        *(tokenize_answer(pair.prompt, answer, tokenizer) for answer in (pair.chosen, pair.rejected))))
