@@ -274,8 +274,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=16, help="queries per step (x 8 completions)")
     parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion, exactly")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each trainer, alternating (steps pooled)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per run of the rollout comparison")
-    parser.add_argument("--rollout-rounds", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per run of the rollout comparison")
+    parser.add_argument("--rollout-rounds", type=int, default=3,
                         help="runs of each side of the rollout comparison, alternating (best call of all counts)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
