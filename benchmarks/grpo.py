@@ -59,6 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -314,11 +315,12 @@ def main() -> None:
                        threads=threads, dtype=dtype)
             return in_subprocess(__file__, trl, threads, args.max_wait)
 
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for round_index in range(rounds):
-            for name in list(runs)[::1 if round_index % 2 == 0 else -1]:
-                runs[name].append(run_side(name, round_index))
-                print_run(f"{name}, round {round_index + 1}/{rounds}", runs[name][-1])
+        def run_and_print(name: str, round_index: int) -> dict:
+            run = run_side(name, round_index)
+            print_run(f"{name}, round {round_index + 1}/{rounds}", run)
+            return run
+
+        runs = alternating(["ours", "trl"], rounds, run_and_print)
         requests = prompt_ids(str(model_path), rows[:queries])
         rollout = compare_rollouts(dict(model_path=str(model_path), prompts=requests, tokens=tokens,
                                         repeats=args.repeats, threads=threads, dtype=dtype),
@@ -366,14 +368,22 @@ def choose_model(model_path: str | None, tmp: Path) -> tuple[Path, Path, str]:
     return tiny, tiny / "data" / "prompts.jsonl", "embedded tiny architecture, random weights (seed 0)"
 
 
+def alternating(names: list[str], rounds: int, run: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """`run(name, round_index)` for every name in every round, the order reversed every other round (this VM's
+    speed drifts over minutes): each name's runs, in order."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names[::1 if round_index % 2 == 0 else -1]:
+            runs[name].append(run(name, round_index))
+    return runs
+
+
 def compare_rollouts(spec: dict, rounds: int, threads: int, max_wait: float) -> dict[str, dict]:
     """Our rollout actor and raw vLLM on the same requests, each once per round, in alternating order; their
     calls pooled per kind. This VM's speed drifts by 10-20% over minutes, more than the difference measured, so
     one run of each, one after the other, can show either ahead."""
-    calls: dict[str, list[dict]] = {"rollout_actor": [], "raw_vllm": []}
-    for round_index in range(rounds):
-        for kind in list(calls)[::1 if round_index % 2 == 0 else -1]:
-            calls[kind].append(in_subprocess(__file__, dict(kind=kind, **spec), threads, max_wait))
+    calls = alternating(["rollout_actor", "raw_vllm"], rounds,
+                        lambda kind, _: in_subprocess(__file__, dict(kind=kind, **spec), threads, max_wait))
     return {kind: {"call_s": [s for run in runs for s in run["call_s"]], "tokens": runs[0]["tokens"],
                    "foreign_cores": max(run["foreign_cores"] for run in runs)} for kind, runs in calls.items()}
 
