@@ -85,11 +85,10 @@ class PipelineConfig:
     grpo_policy: Literal["ondare", "adamw", "onties", "best", "sft"] = "ondare"
     """GRPO's starting policy: that DPO variant's final model, the DPO variant with the best held-out accuracy,
     or the SFT model (also used when DPO has not run)."""
-    sft_args: str = "--optim-epochs 1.5 --eval-per-level 25"
-    """Extra recipes/sft.py flags (default: 1.5 of the recipe's 2 epochs, for the time budget, and 25 eval
-    problems per level, as DPO and GRPO take)."""
-    rm_args: str = "--optim-epochs 0.4"
-    """Extra recipes/reward_model.py flags (default: 0.4 of an epoch, for the time budget)."""
+    sft_args: str = "--eval-per-level 25"
+    """Extra recipes/sft.py flags (default: evaluate 25 problems per level, as DPO and GRPO do)."""
+    rm_args: str = "--optim-epochs 0.6"
+    """Extra recipes/reward_model.py flags (default: 0.6 of an epoch, for the time budget)."""
     dpo_args: str = "--build-max-prompts 350"
     """Extra recipes/dpo.py flags (default: sample pairs from 350 prompts, for the time budget)."""
     grpo_args: str = "--steps 8 --data-eval-samples 8"
