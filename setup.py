@@ -39,6 +39,7 @@ setup(
     version="0.1.0",
     description="Qwen2.5 post-training: SFT, DPO with the Online Merging Optimizer, reward models, GRPO on Ray",
     packages=find_packages(include=["align", "align.*", "reward", "reward.*", "rollout", "rollout.*"]),
+    package_data={"align": ["assets/*/*"]},  # the embedded default's pretrained base weights (align.defaults)
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -4,18 +4,28 @@ Every recipe run with no model path starts from the previous stage of the report
 SFT from the base model, DPO and the reward model from the SFT model, GRPO from the SFT model. Building a stage
 takes minutes on 2 CPU cores, so each is built the first time a recipe needs it, into
 
-    $QWEN_ALIGN_CACHE (default ~/.cache/qwen-align)/tiny-base-<key>/     build_tiny + align.pretrain
+    $QWEN_ALIGN_CACHE (default ~/.cache/qwen-align)/tiny-base-<key>/     build_tiny + shipped or new pretraining
     $QWEN_ALIGN_CACHE/tiny-sft-<key>/final/                              recipes/sft.py's embedded default run
     $QWEN_ALIGN_CACHE/tiny-rm-<key>/final/                               recipes/reward_model.py's default run
 
 where <key> changes whenever what the stage or a stage before it is built from changes (STAGE_VERSIONS, the seed). A
 build happens in a temporary sibling directory that is renamed into place when complete, under a file lock, so
 an interrupted build leaves nothing half-made and two processes never build the same stage at once.
+
+The base model's pretraining takes ~10 minutes here, as long as SFT and the reward model together, and a user
+starts post-training from a pretrained base, as the report does from Qwen2.5's. So the repository ships the
+weights align.pretrain produced for seed 0 (align/assets/<base name>/, with the hashes of the tokenizer, config
+and task data they were trained on): build_base writes the tokenizer, config and data with build_tiny (seconds),
+and takes the shipped weights only when those files hash exactly as recorded; otherwise it pretrains anew.
+`python -m align.defaults rebuild-base` pretrains anew and compares with the shipped weights; `--ship` replaces them.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +39,8 @@ STAGE_VERSIONS = {"base": 3, "sft": 3, "rm": 3}
 their recipe's defaults). That stage and every later one are then rebuilt; earlier ones stay cached."""
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+SHIPPED_BASES = Path(__file__).resolve().parent / "assets"
+"""Shipped pretrained base weights: SHIPPED_BASES/<stage_name("base", seed)>/{model.safetensors,provenance.json}."""
 
 
 def cache_dir() -> Path:
@@ -68,9 +80,11 @@ def base_model_dir(seed: int = 0) -> Path:
     return target
 
 
-def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None) -> Path:
-    """build_tiny's random initialisation, then align.pretrain's plain-text pretraining; atomic. `tasks` and
-    `args` (TaskDataConfig, PretrainArgs) default to the embedded default's."""
+def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None, pretrain_anew: bool = False) -> Path:
+    """build_tiny's tokenizer, config, task data and random initialisation, then the weights of align.pretrain's
+    plain-text pretraining: the shipped ones where they fit (see the module docstring), else trained here
+    (`pretrain_anew` forces it); atomic. `tasks` and `args` (TaskDataConfig, PretrainArgs) default to the embedded
+    default's; with others given it always pretrains."""
     from align.model import load_pretrained
     from align.pretrain import PretrainArgs, base_documents, pretrain, tokenize_documents
     from align.tasks import TaskDataConfig
@@ -80,14 +94,57 @@ def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-") as tmp:
         staging = Path(tmp) / "model"
+        use_shipped = not (tasks or args or pretrain_anew)
         tasks, args = tasks or TaskDataConfig(), args or PretrainArgs()
         build_tiny(staging, seed=seed, tasks=tasks)
-        examples = tokenize_documents(base_documents(tasks, seed, args), load_tokenizer(staging))
-        model = load_pretrained(staging)
-        pretrain(model, examples, args, seed=seed)
-        model.save_pretrained(staging)  # overwrites the random initialisation's weights only
+        shipped = shipped_weights_for(staging, seed) if use_shipped else None
+        if shipped is not None:
+            print(f"taking the shipped pretrained weights {shipped}", flush=True)
+            shutil.copyfile(shipped, staging / "model.safetensors")
+        else:
+            if use_shipped:
+                print("no shipped weights fit this base model's tokenizer, config and task data: pretraining anew "
+                      "(~10 min)", flush=True)
+            examples = tokenize_documents(base_documents(tasks, seed, args), load_tokenizer(staging))
+            model = load_pretrained(staging)
+            pretrain(model, examples, args, seed=seed)
+            model.save_pretrained(staging)  # overwrites the random initialisation's weights only
         staging.rename(output_dir)
     return output_dir
+
+
+def shipped_weights_for(model_dir: Path, seed: int = 0) -> Path | None:
+    """The shipped pretrained weights of this seed's base (the current STAGE_VERSIONS), if they were trained on
+    exactly `model_dir`'s tokenizer, config and task data; else None."""
+    shipped = SHIPPED_BASES / stage_name("base", seed)
+    if not (shipped / "model.safetensors").is_file():
+        return None
+    provenance = json.loads((shipped / "provenance.json").read_text())
+    fits = (provenance["inputs_sha256"] == _input_hashes(model_dir)
+            and provenance["weights_sha256"] == _sha256(shipped / "model.safetensors"))
+    return shipped / "model.safetensors" if fits else None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _input_hashes(base_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a base model directory but its weights: what pretraining was given."""
+    return {str(p.relative_to(base_dir)): _sha256(p) for p in sorted(base_dir.rglob("*"))
+            if p.is_file() and p.name != "model.safetensors"}
+
+
+def ship_base(base_dir: Path, seed: int = 0) -> Path:
+    """Copy a pretrained base's weights into the repository with the hashes of what they were trained on."""
+    target = SHIPPED_BASES / stage_name("base", seed)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base_dir / "model.safetensors", target / "model.safetensors")
+    provenance = {"stage": stage_name("base", seed),
+                  "made_by": "align.pretrain with PretrainArgs() defaults (python -m align.defaults rebuild-base)",
+                  "weights_sha256": _sha256(base_dir / "model.safetensors"), "inputs_sha256": _input_hashes(base_dir)}
+    (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return target
 
 
 def single_process_env() -> dict[str, str]:
@@ -127,3 +184,27 @@ def _recipe_output(stage: str, recipe: str, seed: int, needs) -> Path:
             shutil.rmtree(run_dir, ignore_errors=True)
             staging.rename(run_dir)
     return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the embedded default's base model by pretraining anew.")
+    parser.add_argument("command", choices=["rebuild-base"])
+    parser.add_argument("--seed", type=int, default=0, help="the base model's seed")
+    parser.add_argument("--output-dir", type=Path, required=True, help="directory to create")
+    parser.add_argument("--ship", action="store_true", help="replace the shipped weights with the new ones")
+    args = parser.parse_args(argv)
+    from safetensors.torch import load_file
+
+    build_base(args.output_dir, args.seed, pretrain_anew=True)
+    new, shipped = args.output_dir / "model.safetensors", shipped_weights_for(args.output_dir, args.seed)
+    if shipped is not None:
+        old_tensors, new_tensors = load_file(shipped), load_file(new)
+        gap = max((old_tensors[k] - new_tensors[k]).abs().max().item() for k in new_tensors)
+        same = _sha256(new) == _sha256(shipped)
+        print(f"against the shipped {shipped}: {'identical bytes' if same else f'max |difference| {gap:.3g}'}")
+    if args.ship:
+        print(f"shipped to {ship_base(args.output_dir, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -399,8 +399,9 @@ _BUILD_BASE = "import sys; from align.defaults import base_model_dir; base_model
 
 
 def ensure_base_model(seed: int, run_dir: Path) -> Path:
-    """The embedded default's base model in the machine's cache; built first if missing (once per machine, ~10
-    min), in a child process logged to RUN/logs/base.log like a stage."""
+    """The embedded default's base model in the machine's cache; built first if missing (once per machine: seconds
+    with the shipped pretrained weights, ~10 min pretraining anew, see align.defaults), in a child process logged
+    to RUN/logs/base.log like a stage."""
     target = base_model_path(seed)
     if not (target / "config.json").is_file():
         print(f"== base: building the embedded default's base model into {target} (once per machine)", flush=True)
