@@ -78,8 +78,8 @@ DEFAULT_RM_BUILT = (cache_dir() / stage_name("rm", 0) / "final" / "config.json")
 
 
 @pytest.mark.skipif(not (DEFAULT_RM_BUILT or os.environ.get("QWEN_ALIGN_BUILD_DEFAULTS")),
-                    reason="acceptance test of the embedded default's reward model: runs where it is built (~20 min "
-                           "of base, SFT and RM training once per machine) or with QWEN_ALIGN_BUILD_DEFAULTS=1")
+                    reason="acceptance test of the embedded default's reward model: runs where it is built (~10 min "
+                           "of SFT and RM training once per machine) or with QWEN_ALIGN_BUILD_DEFAULTS=1")
 def test_default_reward_model_reaches_0_9_and_reward_eval_shows_it(tmp_path):
     rm = reward_model_dir(0)  # `accelerate launch recipes/reward_model.py`'s default run, cached
     held_out = base_model_dir(0) / "data" / "pairs_eval.jsonl"
