@@ -97,14 +97,15 @@ def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None, pretrain_
         use_shipped = not (tasks or args or pretrain_anew)
         tasks, args = tasks or TaskDataConfig(), args or PretrainArgs()
         build_tiny(staging, seed=seed, tasks=tasks)
-        shipped = shipped_weights_for(staging, seed) if use_shipped else None
-        if shipped is not None:
+        mismatch = shipped_mismatch(staging, seed) if use_shipped else "not asked for"
+        if mismatch is None:
+            shipped = SHIPPED_BASES / stage_name("base", seed) / "model.safetensors"
             print(f"taking the shipped pretrained weights {shipped}", flush=True)
             shutil.copyfile(shipped, staging / "model.safetensors")
         else:
             if use_shipped:
-                print("no shipped weights fit this base model's tokenizer, config and task data: pretraining anew "
-                      "(~10 min)", flush=True)
+                print(f"not taking the shipped pretrained weights ({mismatch}): pretraining anew (~10 min)",
+                      flush=True)
             examples = tokenize_documents(base_documents(tasks, seed, args), load_tokenizer(staging))
             model = load_pretrained(staging)
             pretrain(model, examples, args, seed=seed)
@@ -113,16 +114,18 @@ def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None, pretrain_
     return output_dir
 
 
-def shipped_weights_for(model_dir: Path, seed: int = 0) -> Path | None:
-    """The shipped pretrained weights of this seed's base (the current STAGE_VERSIONS), if they were trained on
-    exactly `model_dir`'s tokenizer, config and task data; else None."""
+def shipped_mismatch(model_dir: Path, seed: int = 0) -> str | None:
+    """Why the shipped pretrained weights of this seed's base (the current STAGE_VERSIONS) do not fit `model_dir`,
+    a build_tiny output; None when they were trained on exactly its tokenizer, config and task data."""
     shipped = SHIPPED_BASES / stage_name("base", seed)
     if not (shipped / "model.safetensors").is_file():
-        return None
+        return f"none shipped for {shipped.name}"
     provenance = json.loads((shipped / "provenance.json").read_text())
-    fits = (provenance["inputs_sha256"] == _input_hashes(model_dir)
-            and provenance["weights_sha256"] == _sha256(shipped / "model.safetensors"))
-    return shipped / "model.safetensors" if fits else None
+    if provenance["weights_sha256"] != _sha256(shipped / "model.safetensors"):
+        return f"{shipped}/model.safetensors does not hash as its provenance.json records"
+    recorded, current = provenance["inputs_sha256"], _input_hashes(model_dir)
+    differ = sorted(name for name in recorded.keys() | current.keys() if recorded.get(name) != current.get(name))
+    return f"they were trained on another {', '.join(differ)}" if differ else None
 
 
 def _sha256(path: Path) -> str:
@@ -196,12 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
     build_base(args.output_dir, args.seed, pretrain_anew=True)
-    new, shipped = args.output_dir / "model.safetensors", shipped_weights_for(args.output_dir, args.seed)
-    if shipped is not None:
-        old_tensors, new_tensors = load_file(shipped), load_file(new)
+    new, shipped = args.output_dir / "model.safetensors", SHIPPED_BASES / stage_name("base", args.seed)
+    mismatch = shipped_mismatch(args.output_dir, args.seed)
+    if mismatch is None:
+        old_tensors, new_tensors = load_file(shipped / "model.safetensors"), load_file(new)
         gap = max((old_tensors[k] - new_tensors[k]).abs().max().item() for k in new_tensors)
-        same = _sha256(new) == _sha256(shipped)
+        same = _sha256(new) == _sha256(shipped / "model.safetensors")
         print(f"against the shipped {shipped}: {'identical bytes' if same else f'max |difference| {gap:.3g}'}")
+    else:
+        print(f"not compared with the shipped weights: {mismatch}")
     if args.ship:
         print(f"shipped to {ship_base(args.output_dir, args.seed)}")
 

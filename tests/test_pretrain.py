@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from align.defaults import build_base, shipped_weights_for, single_process_env, stage_name
+from align.defaults import SHIPPED_BASES, build_base, shipped_mismatch, single_process_env, stage_name
 from align.model import load_pretrained
 from align.pretrain import PretrainArgs, _column_facts, base_documents, pretrain, tokenize_documents
 from align.tasks import TaskDataConfig, build_splits
@@ -62,11 +62,11 @@ def test_the_shipped_base_weights_fit_the_code_and_are_taken(tmp_path):
     # Tokenizer, config and task data as build_tiny writes them today: if these drift from what the shipped
     # weights were trained on, every fresh machine pretrains for ~10 minutes instead of taking them.
     fresh = build_tiny(tmp_path / "tiny")
-    shipped = shipped_weights_for(fresh, seed=0)
-    assert shipped is not None, (f"align/assets/{stage_name('base', 0)} is missing or was trained on other inputs: "
-                                 "bump STAGE_VERSIONS['base'] and run `python -m align.defaults rebuild-base "
-                                 "--output-dir DIR --ship`")
+    mismatch = shipped_mismatch(fresh, seed=0)
+    assert mismatch is None, (f"{mismatch}: bump STAGE_VERSIONS['base'] and run `python -m align.defaults "
+                              "rebuild-base --output-dir DIR --ship`")
     target = build_base(tmp_path / "base", seed=0)
+    shipped = SHIPPED_BASES / stage_name("base", 0) / "model.safetensors"
     assert (target / "model.safetensors").read_bytes() == shipped.read_bytes()
     random_init, base = load_pretrained(fresh).state_dict(), load_pretrained(target).state_dict()
     assert all(base[k].isfinite().all() for k in base) and not torch.equal(random_init["model.embed_tokens.weight"],
@@ -74,8 +74,10 @@ def test_the_shipped_base_weights_fit_the_code_and_are_taken(tmp_path):
 
 
 def test_shipped_weights_are_refused_for_other_inputs(tmp_path):
-    assert shipped_weights_for(build_tiny(tmp_path / "small", tasks=SMALL_TASKS), seed=0) is None
-    assert shipped_weights_for(build_tiny(tmp_path / "seed1", seed=1), seed=0) is None
+    small = shipped_mismatch(build_tiny(tmp_path / "small", tasks=SMALL_TASKS), seed=0)
+    assert small.startswith("they were trained on another ") and "data/sft.jsonl" in small
+    assert "tokenizer.json" in shipped_mismatch(build_tiny(tmp_path / "seed1", seed=1), seed=0)
+    assert shipped_mismatch(tmp_path / "small", seed=7) == f"none shipped for {stage_name('base', 7)}"
 
 
 def test_children_of_a_rank_run_alone(monkeypatch):
