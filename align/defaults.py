@@ -43,6 +43,11 @@ SHIPPED_BASES = Path(__file__).resolve().parent / "assets"
 """Shipped pretrained base weights: SHIPPED_BASES/<stage_name("base", seed)>/{model.safetensors,provenance.json}."""
 
 
+def shipped_base_dir(seed: int = 0) -> Path:
+    """Where the shipped weights of this seed's base (the current STAGE_VERSIONS) are, or would be."""
+    return SHIPPED_BASES / stage_name("base", seed)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("QWEN_ALIGN_CACHE", Path.home() / ".cache" / "qwen-align"))
 
@@ -99,7 +104,7 @@ def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None, pretrain_
         build_tiny(staging, seed=seed, tasks=tasks)
         mismatch = shipped_mismatch(staging, seed) if use_shipped else "not asked for"
         if mismatch is None:
-            shipped = SHIPPED_BASES / stage_name("base", seed) / "model.safetensors"
+            shipped = shipped_base_dir(seed) / "model.safetensors"
             print(f"taking the shipped pretrained weights {shipped}", flush=True)
             shutil.copyfile(shipped, staging / "model.safetensors")
         else:
@@ -117,7 +122,7 @@ def build_base(output_dir: Path, seed: int = 0, tasks=None, args=None, pretrain_
 def shipped_mismatch(model_dir: Path, seed: int = 0) -> str | None:
     """Why the shipped pretrained weights of this seed's base (the current STAGE_VERSIONS) do not fit `model_dir`,
     a build_tiny output; None when they were trained on exactly its tokenizer, config and task data."""
-    shipped = SHIPPED_BASES / stage_name("base", seed)
+    shipped = shipped_base_dir(seed)
     if not (shipped / "model.safetensors").is_file():
         return f"none shipped for {shipped.name}"
     provenance = json.loads((shipped / "provenance.json").read_text())
@@ -140,10 +145,10 @@ def _input_hashes(base_dir: Path) -> dict[str, str]:
 
 def ship_base(base_dir: Path, seed: int = 0) -> Path:
     """Copy a pretrained base's weights into the repository with the hashes of what they were trained on."""
-    target = SHIPPED_BASES / stage_name("base", seed)
+    target = shipped_base_dir(seed)
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(base_dir / "model.safetensors", target / "model.safetensors")
-    provenance = {"stage": stage_name("base", seed),
+    provenance = {"stage": target.name,
                   "made_by": "align.pretrain with PretrainArgs() defaults (python -m align.defaults rebuild-base)",
                   "weights_sha256": _sha256(base_dir / "model.safetensors"), "inputs_sha256": _input_hashes(base_dir)}
     (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -199,12 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import load_file
 
     build_base(args.output_dir, args.seed, pretrain_anew=True)
-    new, shipped = args.output_dir / "model.safetensors", SHIPPED_BASES / stage_name("base", args.seed)
+    new, shipped = args.output_dir / "model.safetensors", shipped_base_dir(args.seed) / "model.safetensors"
     mismatch = shipped_mismatch(args.output_dir, args.seed)
     if mismatch is None:
-        old_tensors, new_tensors = load_file(shipped / "model.safetensors"), load_file(new)
+        old_tensors, new_tensors = load_file(shipped), load_file(new)
         gap = max((old_tensors[k] - new_tensors[k]).abs().max().item() for k in new_tensors)
-        same = _sha256(new) == _sha256(shipped / "model.safetensors")
+        same = new.read_bytes() == shipped.read_bytes()
         print(f"against the shipped {shipped}: {'identical bytes' if same else f'max |difference| {gap:.3g}'}")
     else:
         print(f"not compared with the shipped weights: {mismatch}")

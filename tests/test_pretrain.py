@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from align.defaults import SHIPPED_BASES, build_base, shipped_mismatch, single_process_env, stage_name
+from align.defaults import build_base, shipped_base_dir, shipped_mismatch, single_process_env, stage_name
 from align.model import load_pretrained
 from align.pretrain import PretrainArgs, _column_facts, base_documents, pretrain, tokenize_documents
 from align.tasks import TaskDataConfig, build_splits
@@ -66,7 +66,7 @@ def test_the_shipped_base_weights_fit_the_code_and_are_taken(tmp_path):
     assert mismatch is None, (f"{mismatch}: bump STAGE_VERSIONS['base'] and run `python -m align.defaults "
                               "rebuild-base --output-dir DIR --ship`")
     target = build_base(tmp_path / "base", seed=0)
-    shipped = SHIPPED_BASES / stage_name("base", 0) / "model.safetensors"
+    shipped = shipped_base_dir(0) / "model.safetensors"
     assert (target / "model.safetensors").read_bytes() == shipped.read_bytes()
     random_init, base = load_pretrained(fresh).state_dict(), load_pretrained(target).state_dict()
     assert all(base[k].isfinite().all() for k in base) and not torch.equal(random_init["model.embed_tokens.weight"],
